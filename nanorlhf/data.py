@@ -1,0 +1,112 @@
+"""Prompts: a hub dataset or a local .jsonl/.json/.parquet file, turned into chat prompts and token ids.
+
+The prompt column may hold a plain string (one user message), a list of {"role", "content"} messages,
+or an Anthropic/hh-rlhf dialogue ("\\n\\nHuman: ...\\n\\nAssistant: ..."), which becomes the messages
+up to the last "Assistant:" turn. The tokenizer's chat template then renders the generation prompt.
+"""
+
+import os
+import re
+
+import numpy as np
+
+from nanorlhf.errors import UserError
+
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+
+
+def load_rows(dataset, split="train"):
+    """A datasets.Dataset from a local file (by extension) or the hub."""
+    import datasets
+
+    ext = os.path.splitext(dataset)[1]
+    if ext in LOCAL_FORMATS or os.path.exists(dataset):
+        if not os.path.isfile(dataset):
+            raise UserError(f"--dataset: file {dataset!r} does not exist (path is relative to {os.getcwd()})")
+        if ext not in LOCAL_FORMATS:
+            raise UserError(f"--dataset: {dataset!r} is not a .jsonl, .json or .parquet file")
+        return datasets.load_dataset(LOCAL_FORMATS[ext], data_files=dataset, split="train")
+    try:
+        return datasets.load_dataset(dataset, split=split)
+    except Exception as e:  # no network, a typo, a private dataset: all mean the same to the user
+        raise UserError(f"--dataset {dataset!r} could not be loaded from the hub ({type(e).__name__}); "
+                        "check the name, or pass a local .jsonl/.json/.parquet file") from None
+
+
+def hh_messages(text):
+    """Anthropic/hh-rlhf dialogue -> chat messages, up to (not including) the last Assistant turn."""
+    text = "\n\n" + text.lstrip("\n")
+    text = text[: text.rfind("\n\nAssistant:")]
+    parts = HH_TURN.split(text)  # ['', 'Human', 'hi', 'Assistant', 'hello', 'Human', '...']
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+
+
+def to_messages(value):
+    if isinstance(value, list):
+        return value
+    if "\n\nAssistant:" in value and value.lstrip("\n").startswith("Human:"):
+        return hh_messages(value)
+    return [{"role": "user", "content": value}]
+
+
+def prompt_text(messages):
+    """The prompt as plain text, for reward models and reward functions."""
+    if len(messages) == 1:
+        return messages[0]["content"]
+    names = {"user": "Human", "assistant": "Assistant", "system": "System"}
+    return "\n\n".join(f"{names.get(m['role'], m['role'])}: {m['content']}" for m in messages)
+
+
+class PromptStream:
+    """Endless shuffled pass over the dataset (a new order each epoch), tokenizing prompts as they are taken.
+
+    Prompts longer than `max_prompt_tokens` are skipped and counted (`skipped`). `state()` /
+    `load_state()` give the exact position, so a resumed run takes the same prompts it would have.
+    """
+
+    def __init__(self, rows, tokenizer, prompt_field, max_prompt_tokens, seed):
+        if prompt_field not in rows.column_names:
+            raise UserError(f"--prompt_field {prompt_field!r} is not a column of the dataset "
+                            f"(columns: {', '.join(rows.column_names)})")
+        if len(rows) == 0:
+            raise UserError("--dataset has no rows")
+        self.rows, self.tokenizer, self.prompt_field = rows, tokenizer, prompt_field
+        self.max_prompt_tokens, self.seed = max_prompt_tokens, seed
+        self.epoch, self.cursor, self.skipped, self.taken = 0, 0, 0, 0
+        self._order = None
+
+    def _index(self):
+        if self._order is None:
+            self._order = np.random.default_rng(self.seed + self.epoch).permutation(len(self.rows))
+        return int(self._order[self.cursor])
+
+    def next(self, n):
+        """n prompts: dicts with `text`, `token_ids` and `fields` (the row's columns)."""
+        prompts = []
+        while len(prompts) < n:
+            row = self.rows[self._index()]
+            self.cursor += 1
+            if self.cursor == len(self.rows):
+                self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
+            messages = to_messages(row[self.prompt_field])
+            rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            token_ids = self.tokenizer(rendered, add_special_tokens=False).input_ids
+            if len(token_ids) > self.max_prompt_tokens:
+                self.skipped += 1
+                if self.taken == 0 and self.skipped >= min(1000, len(self.rows)):
+                    raise UserError(f"the first {self.skipped} prompts are all longer than {self.max_prompt_tokens} "
+                                    "tokens; raise --max_prompt_tokens (and check the model's context window)")
+                continue
+            self.taken += 1
+            fields = {k: v for k, v in row.items() if k not in ("prompts", "completions")}
+            prompts.append({"text": prompt_text(messages), "token_ids": token_ids, "fields": fields})
+        return prompts
+
+    def state(self):
+        return {"epoch": self.epoch, "cursor": self.cursor, "skipped": self.skipped, "taken": self.taken}
+
+    def load_state(self, state):
+        self.epoch, self.cursor, self.skipped, self.taken = state["epoch"], state["cursor"], state["skipped"], state["taken"]
+        self._order = None

@@ -1,0 +1,109 @@
+"""Rewards through one API: `function(prompts, completions, **row_fields) -> list[float]`.
+
+A reward model (any sequence-classification model scoring question + response, by default
+OpenAssistant/reward-model-deberta-v3-large-v2) is wrapped to that same API, and rule-based functions
+are loaded from `file.py:function` or `module:function`. Several rewards are summed with weights.
+"""
+
+import importlib
+import importlib.util
+import math
+import os
+
+import torch
+
+from nanorlhf.errors import UserError
+
+
+def load_reward_fn(spec):
+    """`path/to/file.py:function` or `package.module:function` -> the callable."""
+    source, sep, name = spec.rpartition(":")
+    if not sep or not source or not name:
+        raise UserError(f"--reward_fn {spec!r} must look like path/to/file.py:function or module:function")
+    if source.endswith(".py"):
+        if not os.path.isfile(source):
+            raise UserError(f"--reward_fn: file {source!r} does not exist (path is relative to {os.getcwd()})")
+        module_spec = importlib.util.spec_from_file_location(os.path.basename(source)[:-3], source)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(source)
+        except ImportError as e:
+            raise UserError(f"--reward_fn: cannot import module {source!r} ({e})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise UserError(f"--reward_fn: {source!r} has no function {name!r}")
+    fn.__name__ = getattr(fn, "__name__", name)
+    return fn
+
+
+class RewardModel:
+    """A sequence-classification model as a reward function: score(question, response) per completion."""
+
+    def __init__(self, name, batch_size=16, dtype=torch.bfloat16):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = AutoTokenizer.from_pretrained(name)
+        self.model = AutoModelForSequenceClassification.from_pretrained(name, dtype=dtype).to(self.device).eval()
+        self.batch_size = batch_size
+        self.__name__ = "reward_model"
+
+    @torch.no_grad()
+    def __call__(self, prompts, completions, **_):
+        scores = []
+        for i in range(0, len(prompts), self.batch_size):
+            inputs = self.tokenizer(prompts[i : i + self.batch_size], completions[i : i + self.batch_size],
+                                    padding=True, truncation=True, return_tensors="pt").to(self.device)
+            scores += self.model(**inputs).logits[:, 0].float().tolist()
+        return scores
+
+    def to(self, device):
+        self.model.to(device)
+        return self
+
+
+class Rewards:
+    """Weighted sum of reward functions, checked on every call: one float per completion, all finite."""
+
+    def __init__(self, functions, weights=None):
+        if not functions:
+            raise UserError("no reward: give --reward_model and/or --reward_fn")
+        weights = weights or [1.0] * len(functions)
+        if len(weights) != len(functions):
+            raise UserError(f"--reward_weights has {len(weights)} values for {len(functions)} rewards; give one each")
+        self.functions, self.weights = functions, weights
+
+    def __call__(self, prompts, completions, row_fields):
+        """Returns (total (N,), {name: (N,)}) for N completions; row_fields maps column -> list of N values."""
+        total, parts = torch.zeros(len(completions)), {}
+        for fn, weight in zip(self.functions, self.weights):
+            name = getattr(fn, "__name__", "reward")
+            values = fn(prompts, completions, **row_fields)
+            if not hasattr(values, "__len__") or len(values) != len(completions):
+                got = len(values) if hasattr(values, "__len__") else type(values).__name__
+                raise UserError(f"reward {name} returned {got} values for {len(completions)} completions; "
+                                "return one float per completion")
+            try:
+                values = [float(v) for v in values]
+            except (TypeError, ValueError):
+                raise UserError(f"reward {name} returned a non-number; return a list of floats") from None
+            if not all(math.isfinite(v) for v in values):
+                raise UserError(f"reward {name} returned NaN or inf; return finite floats")
+            parts[name] = torch.tensor(values)
+            total += weight * parts[name]
+        return total, parts
+
+
+def build_rewards(reward_model, reward_fn, reward_weights):
+    """Rewards from the Config fields: a reward model name ("" for none), comma-separated reward_fn specs,
+    and comma-separated weights (reward model first)."""
+    functions = [load_reward_fn(spec) for spec in reward_fn.split(",") if spec]
+    if reward_model:
+        functions.insert(0, RewardModel(reward_model))
+    try:
+        weights = [float(w) for w in reward_weights.split(",")] if reward_weights else None
+    except ValueError:
+        raise UserError(f"--reward_weights takes comma-separated numbers, got {reward_weights!r}") from None
+    return Rewards(functions, weights)

@@ -1,0 +1,303 @@
+"""One RLHF run's plumbing, shared by every algorithm script: setup from the Config, and the per-step
+services the scripts call in order (generate, score, update, sync, log). The algorithm math is not here.
+
+Every script's Config carries the same names for the same things (see ../shared/DESIGN.md), so this
+module reads them directly: cfg.model, cfg.dataset, cfg.group_size, cfg.micro_batch_tokens, ...
+"""
+
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from nanorlhf import tasks
+from nanorlhf.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from nanorlhf.data import PromptStream, load_rows
+from nanorlhf.engine import RolloutEngine
+from nanorlhf.errors import UserError
+from nanorlhf.logprobs import completion_logprobs, padding_fraction, token_budget_batches
+from nanorlhf.policy import device, load_policy, merged_weights, move_optimizer_state
+from nanorlhf.rewards import build_rewards
+from nanorlhf.tracking import Tracker
+
+
+class Batch(dict):
+    """Per-sample data of one step: token-id lists and (B,) or (B, C) tensors, C = longest completion.
+    `batch.x` reads `batch["x"]`; `select(idx)` slices every entry together (and trims C to the slice)."""
+
+    __getattr__ = dict.__getitem__
+
+    def __setattr__(self, key, value):
+        self[key] = value
+
+    def __len__(self):
+        return len(self["completion_ids"])
+
+    def select(self, idx, device=None):
+        width = max(len(self["completion_ids"][i]) for i in idx)
+        index = torch.tensor(idx)
+        out = Batch()
+        for key, value in self.items():
+            if torch.is_tensor(value):
+                value = value[index.to(value.device)].to(device or value.device)
+                out[key] = value[:, :width] if value.dim() == 2 else value
+            elif isinstance(value, list):
+                out[key] = [value[i] for i in idx]
+            else:
+                out[key] = value
+        return out
+
+
+def resolve(name):
+    """`demo:addition` names the bundled demo model / dataset, built locally on first use."""
+    if name == "demo:addition":
+        return tasks.demo_model()
+    if name == "demo:addition-data":
+        return tasks.demo_dataset()
+    return name
+
+
+def cosine_schedule(optimizer, total_steps, floor=0.1):
+    """Learning rate decays from its peak to floor x peak along a half cosine."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda t: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t / max(total_steps, 1), 1.0)))
+    )
+
+
+class Run:
+    def __init__(self, cfg, algo):
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.cfg, self.algo = cfg, algo
+        self.episodes_per_step = cfg.prompts_per_step * cfg.group_size
+        self.total_steps = cfg.total_episodes // self.episodes_per_step
+        if min(cfg.prompts_per_step, cfg.group_size, cfg.max_new_tokens, cfg.micro_batch_tokens) < 1:
+            raise UserError("prompts_per_step, group_size, max_new_tokens and micro_batch_tokens must be at least 1")
+        if self.total_steps < 1:
+            raise UserError(f"--total_episodes {cfg.total_episodes} is less than one step "
+                            f"(prompts_per_step x group_size = {self.episodes_per_step})")
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+
+        # Everything the user named is checked before anything is written.
+        model_name = resolve(cfg.model)
+        try:
+            model_config = AutoConfig.from_pretrained(model_name)
+            self.tokenizer = AutoTokenizer.from_pretrained(model_name)
+        except OSError as e:
+            raise UserError(f"--model {cfg.model!r} could not be loaded ({str(e).splitlines()[0]})") from None
+        context = getattr(model_config, "max_position_embeddings", None)
+        self.max_model_len = cfg.max_prompt_tokens + cfg.max_new_tokens
+        if context and self.max_model_len > context:
+            raise UserError(f"max_prompt_tokens + max_new_tokens = {self.max_model_len} exceeds the model's context "
+                            f"window of {context} tokens; lower --max_prompt_tokens or --max_new_tokens")
+        reward_model = cfg.reward_model
+        if cfg.reward_fn and "reward_model" not in cfg.explicit:
+            reward_model = ""  # --reward_fn alone replaces the default reward model; naming both combines them
+        self.rewards = build_rewards(resolve(reward_model) if reward_model != "none" else "", cfg.reward_fn,
+                                     cfg.reward_weights)
+        self.prompts = PromptStream(load_rows(resolve(cfg.dataset)), self.tokenizer, cfg.prompt_field,
+                                    cfg.max_prompt_tokens, cfg.seed)
+        checkpoint = find_checkpoint(cfg.resume) if cfg.resume else None
+        self.output_dir = self._prepare_output_dir(checkpoint)
+
+        self.policy = load_policy(model_name, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
+                                  cfg.dtype, cfg.gradient_checkpointing)
+        self.optimizer = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad],
+                                           lr=cfg.learning_rate, weight_decay=0.0)
+        self.scheduler = cosine_schedule(self.optimizer, self.total_steps * getattr(cfg, "ppo_epochs", 1))
+        self.extra_modules = {}  # algorithm scripts add trainable modules here (PPO's value head) to checkpoint them
+        self.start_step, self.data_state = 1, self.prompts.state()
+        if checkpoint:
+            progress = load_checkpoint(checkpoint, self.policy, self.optimizer, self.scheduler)
+            self.start_step, self.data_state = progress["step"] + 1, progress["data"]
+            self.prompts.load_state(self.data_state)
+            print(f"resumed from {checkpoint}: continuing at step {self.start_step}")
+        self.engine = RolloutEngine(model_name, self.max_model_len, cfg.dtype, cfg.vllm_gpu_memory, cfg.seed)
+        if checkpoint:
+            self.sync()
+        self.tracker = Tracker(self.output_dir, cfg, cfg.wandb, cfg.wandb_project, os.path.basename(self.output_dir),
+                               self.total_steps * self.episodes_per_step,
+                               (self.start_step - 1) * self.episodes_per_step)
+        self.times, self.updated_since_log, self.completed_step = {}, False, self.start_step - 1
+
+    def _prepare_output_dir(self, checkpoint):
+        cfg = self.cfg
+        output_dir = cfg.output_dir
+        if not output_dir and checkpoint:
+            output_dir = os.path.dirname(os.path.abspath(checkpoint))
+        if not output_dir:
+            output_dir = os.path.join("runs", f"{self.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
+        holds_run = os.path.isdir(output_dir) and any(
+            f == "metrics.jsonl" or f.startswith("checkpoint-") for f in os.listdir(output_dir))
+        if holds_run and not checkpoint:
+            if not cfg.overwrite:
+                raise UserError(f"--output_dir {output_dir!r} holds another run; pass --resume {output_dir} to "
+                                "continue it, --overwrite to replace it, or choose another --output_dir")
+            for f in os.listdir(output_dir):
+                if f in ("metrics.jsonl", "metrics.png", "wandb") or f.startswith("checkpoint-"):
+                    path = os.path.join(output_dir, f)
+                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        os.makedirs(output_dir, exist_ok=True)
+        return output_dir
+
+    # --- the loop -------------------------------------------------------------------------------------
+
+    def steps(self):
+        """Yield step numbers; checkpoint every save_every steps, at the end, and on Ctrl-C."""
+        cfg, step = self.cfg, self.start_step - 1
+        try:
+            for step in range(self.start_step, self.total_steps + 1):
+                self.times = {"step_start": time.perf_counter()}
+                yield step
+                if step % cfg.save_every == 0 or step == self.total_steps:
+                    self.save(step)
+        except KeyboardInterrupt:
+            if self.updated_since_log:  # the model moved past the last logged step: no consistent state to save
+                print(f"\ninterrupted mid-step {step}; resume from the last checkpoint in {self.output_dir}")
+            elif self.completed_step >= self.start_step:
+                print(f"\ninterrupted: saved {self.save(self.completed_step)}")
+            raise SystemExit(130)
+        finally:
+            self.tracker.close()
+            print(f"run folder: {self.output_dir}")
+
+    def save(self, step):
+        progress = {"step": step, "episodes": step * self.episodes_per_step, "data": self.data_state}
+        return save_checkpoint(self.output_dir, step, self.policy, self.optimizer, self.scheduler, progress,
+                               self.extra_modules)
+
+    @contextmanager
+    def timed(self, name):
+        start = time.perf_counter()
+        yield
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
+
+    def generate(self, prompts, n, seed, greedy=False):
+        """n completions per prompt from the engine (prompt-major); the trainer's optimizer state leaves the
+        GPU while the engine holds it, and the engine sleeps again afterwards."""
+        cfg = self.cfg
+        with self.timed("time_generate"):
+            move_optimizer_state(self.optimizer, "cpu")
+            completions = self.engine.generate([p["token_ids"] for p in prompts], n, seed, cfg.max_new_tokens,
+                                               cfg.temperature, cfg.top_p, greedy=greedy)
+            self.engine.sleep()
+        return completions
+
+    def score(self, prompts, completions):
+        """(rewards (N,), {reward name: (N,)}) for the completions of `prompts` (prompt-major)."""
+        with self.timed("time_score"):
+            rows = [prompts[c.prompt_index] for c in completions]
+            fields = {k: [r["fields"][k] for r in rows] for k in rows[0]["fields"]} if rows else {}
+            return self.rewards([r["text"] for r in rows], [c.text for c in completions], fields)
+
+    def batch(self, prompts, completions, keep=None, **per_sample):
+        """A Batch of the kept completions with their prompts and any (N,) or (N, ...) per-sample tensors."""
+        idx = [i for i in range(len(completions)) if keep is None or keep[i]]
+        width = max([len(completions[i].token_ids) for i in idx] + [1])
+        vllm_logprobs = torch.zeros(len(idx), width)
+        for row, i in enumerate(idx):
+            vllm_logprobs[row, : len(completions[i].logprobs)] = torch.tensor(completions[i].logprobs)
+        batch = Batch(
+            prompt_ids=[prompts[completions[i].prompt_index]["token_ids"] for i in idx],
+            completion_ids=[completions[i].token_ids for i in idx],
+            vllm_logprobs=vllm_logprobs,
+        )
+        for key, value in per_sample.items():
+            batch[key] = value[torch.tensor(idx, dtype=torch.long)] if torch.is_tensor(value) else [value[i] for i in idx]
+        return batch
+
+    def micro_batches(self, batch):
+        lengths = [len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids)]
+        batches = token_budget_batches(lengths, self.cfg.micro_batch_tokens)
+        return batches, padding_fraction(batches, lengths)
+
+    def logprobs(self, mb, with_raw=False):
+        return completion_logprobs(self.policy, mb.prompt_ids, mb.completion_ids, self.tokenizer.pad_token_id,
+                                   self.cfg.temperature, with_raw=with_raw)
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch):
+        """(B, C) log-probs under the reference policy: the same base model with the LoRA adapter disabled."""
+        out = torch.zeros(batch.vllm_logprobs.shape, device=device())
+        batches, _ = self.micro_batches(batch)
+        with self.timed("time_reference"), self.policy.disable_adapter():
+            for idx in batches:
+                lp = self.logprobs(batch.select(idx, device()))["logprobs"]
+                out[torch.tensor(idx, device=out.device), : lp.shape[1]] = lp
+        return out
+
+    def update(self, batch, loss_fn, epochs=1):
+        """`epochs` optimizer steps on the whole batch, each accumulating gradients over token-budget
+        micro-batches. loss_fn(logprobs, entropy, mb) -> (loss, {stat: token mean}) sees one micro-batch
+        `mb` with `completion_mask` and `old_logprobs` (the policy's before this update, no grad), and its
+        loss must already be divided by the whole batch's normaliser. Returns the loss, the stats averaged
+        over tokens, and the logprob canary (vLLM vs trainer log-probs of the sampled tokens)."""
+        self.updated_since_log = True
+        if len(batch) == 0:  # sparse GRPO dropped every completion: nothing to learn from this step
+            return {"loss": 0.0, "micro_batches": 0}
+        batches, pad = self.micro_batches(batch)
+        batch.old_logprobs = torch.zeros(batch.vllm_logprobs.shape, device=device())
+        sums, loss_sum, canary, tokens = {}, 0.0, 0.0, 0
+        with self.timed("time_train"):
+            move_optimizer_state(self.optimizer, device())
+            for epoch in range(epochs):
+                for idx in batches:
+                    mb = batch.select(idx, device())
+                    out = self.logprobs(mb, with_raw=epoch == 0)
+                    mb.completion_mask = out["mask"]
+                    n_tokens = out["mask"].sum().item()
+                    if epoch == 0:  # same weights the engine sampled with: old log-probs and the canary for free
+                        mb.old_logprobs = out["logprobs"].detach()
+                        batch.old_logprobs[torch.tensor(idx, device=device()), : mb.old_logprobs.shape[1]] = mb.old_logprobs
+                        canary += ((out["raw"] - mb.vllm_logprobs).abs() * out["mask"]).sum().item()
+                        tokens += n_tokens
+                    loss, stats = loss_fn(out["logprobs"], out["entropy"], mb)
+                    loss.backward()
+                    loss_sum += loss.item() / epochs
+                    stats["entropy"] = (out["entropy"] * out["mask"]).sum().item() / max(n_tokens, 1)
+                    for k, v in stats.items():
+                        sums[k] = sums.get(k, 0.0) + float(v) * n_tokens
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    [p for p in self.policy.parameters() if p.requires_grad], self.cfg.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        stats = {k: v / (tokens * epochs) for k, v in sums.items()}
+        stats.update(loss=loss_sum, grad_norm=grad_norm.item(), padding_fraction=pad, micro_batches=len(batches),
+                     logprob_diff=canary / max(tokens, 1), lr=self.scheduler.get_last_lr()[0])
+        return stats
+
+    def sync(self):
+        """Push the merged LoRA weights into the engine, in place."""
+        with self.timed("time_sync"):
+            self.engine.push_weights(merged_weights(self.policy, torch.bfloat16 if self.cfg.dtype == "bfloat16"
+                                                    else None))
+
+    def log(self, step, rewards, completions, **metrics):
+        """Write the step's metrics (metrics.jsonl, wandb, progress bar) and mark the step complete."""
+        lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float)
+        self.data_state = self.prompts.state()
+        self.times["time_step"] = time.perf_counter() - self.times.pop("step_start")
+        row = {
+            "step": step,
+            "episodes": step * self.episodes_per_step,
+            "reward_mean": rewards.mean().item(),
+            "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+            "response_length_mean": lengths.mean().item(),
+            "truncated_fraction": float(np.mean([c.truncated for c in completions])),
+            "prompts_skipped": self.prompts.skipped,
+            "engine_builds": RolloutEngine.builds,
+            "kl": None,  # stays null when there is no reference pass (kl_coef 0)
+            **self.times,
+            **metrics,
+        }
+        self.tracker.log(row)
+        self.updated_since_log, self.completed_step = False, step
+        return row

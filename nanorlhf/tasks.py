@@ -1,0 +1,133 @@
+"""The synthetic task behind `--demo`: two-number addition, a rule-based reward, and a warm-started tiny model.
+
+A random tiny model never answers right, so RL would see reward 0 forever. The demo model is first
+taught a little addition with a short supervised warm start that stops once its greedy accuracy
+reaches `target_accuracy` (well above zero, well below half): the RL run then has a signal to climb.
+The model is cached, so only the first demo on a machine pays for it (about 15 seconds on 2 cores).
+"""
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+
+QUESTION = "What is {a} + {b}?"
+
+
+def addition_rows(n, seed, max_operand=20):
+    """n rows {"prompt", "answer"}: prompts are plain questions, the chat template is applied later."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+        rows.append({"prompt": QUESTION.format(a=a, b=b), "answer": str(a + b)})
+    return rows
+
+
+def addition_reward(prompts, completions, answer, **_):
+    """1.0 when the completion's first number equals the reference answer, else 0.0."""
+    rewards = []
+    for completion, reference in zip(completions, answer):
+        match = re.search(r"-?\d+", completion)
+        rewards.append(float(match is not None and match.group() == str(reference)))
+    return rewards
+
+
+def cache_dir():
+    return os.environ.get("NANORLHF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "nanorlhf"))
+
+
+def demo_dataset(n=5000, seed=0):
+    """Path of a local .jsonl of addition rows (the demo goes through the same loader as a user's file)."""
+    path = os.path.join(cache_dir(), f"addition-{n}-{seed}.jsonl")
+    if not os.path.exists(path):
+        os.makedirs(cache_dir(), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in addition_rows(n, seed=seed + 100))
+        os.replace(tmp, path)
+    return path
+
+
+WARM_START = dict(hidden_size=128, num_layers=2, max_operand=20, target_accuracy=0.2, seed=0, version=1)
+
+
+def demo_model(**overrides):
+    """Path of the warm-started tiny addition model, built (and cached) on first use."""
+    spec = {**WARM_START, **overrides}
+    key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
+    path = os.path.join(cache_dir(), f"tiny-addition-{key}")
+    if os.path.exists(os.path.join(path, "nanorlhf_warm_start.json")):
+        return path
+    os.makedirs(cache_dir(), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=cache_dir(), prefix=".building-")
+    try:
+        accuracy = _warm_start(tmp, **spec)
+        with open(os.path.join(tmp, "nanorlhf_warm_start.json"), "w") as f:
+            json.dump({**spec, "greedy_accuracy": accuracy}, f)
+        os.replace(tmp, path)  # atomic: a concurrent builder either wins or finds it done
+    except OSError:
+        if not os.path.exists(path):
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _warm_start(out_dir, hidden_size, num_layers, max_operand, target_accuracy, seed, version):
+    """Supervised training of a fresh tiny model on addition until greedy accuracy >= target_accuracy."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nanorlhf.tiny import build_tiny_policy
+
+    train = addition_rows(20000, seed=seed + 1, max_operand=max_operand)
+    held_out = addition_rows(256, seed=seed + 2, max_operand=max_operand)
+    texts = [r["prompt"] + " " + r["answer"] for r in train[:2000]] + ["user assistant system"]
+    build_tiny_policy(out_dir, texts, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
+
+    def encode(rows):
+        """(input_ids, labels): labels are -100 except on the answer and its end-of-turn token."""
+        ids, labels = [], []
+        for row in rows:
+            prompt = tokenizer.apply_chat_template(
+                [{"role": "user", "content": row["prompt"]}], add_generation_prompt=True, tokenize=False
+            )
+            p = tokenizer(prompt, add_special_tokens=False).input_ids
+            a = tokenizer(row["answer"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            ids.append(p + a)
+            labels.append([-100] * len(p) + a)
+        width = max(map(len, ids))
+        pad = lambda seqs, value: torch.tensor([s + [value] * (width - len(s)) for s in seqs])  # noqa: E731
+        return pad(ids, tokenizer.pad_token_id), pad(labels, -100)
+
+    @torch.no_grad()
+    def greedy_accuracy():
+        # Teacher-forced argmax on the answer tokens equals greedy decoding's exact-match accuracy.
+        ids, labels = encode(held_out)
+        predictions = model(input_ids=ids).logits[:, :-1].argmax(-1)
+        targets = labels[:, 1:]
+        return ((predictions == targets) | (targets == -100)).all(-1).float().mean().item()
+
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    accuracy, batch_size = 0.0, 64
+    for step in range(20000 // batch_size * 20):
+        start = step * batch_size % len(train)
+        ids, labels = encode(train[start : start + batch_size])
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step % 10 == 0:
+            accuracy = greedy_accuracy()
+            if accuracy >= target_accuracy:
+                break
+    print(f"demo model: warm-started for {step} steps, greedy accuracy {accuracy:.2f}, saved to {out_dir}")
+    model.save_pretrained(out_dir)
+    return accuracy

@@ -1,0 +1,100 @@
+"""Metrics: one JSON line per step in <output_dir>/metrics.jsonl, the same numbers in wandb, a tqdm bar,
+and at the end a PNG of reward and response length per step."""
+
+import json
+import math
+import os
+import sys
+
+PLOTTED = ("reward_mean", "response_length_mean")
+
+
+def _wandb_mode():
+    """online when the user has credentials, else offline (never a login prompt); WANDB_MODE wins."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    netrc = os.path.join(os.path.expanduser("~"), ".netrc")
+    logged_in = os.environ.get("WANDB_API_KEY") or (os.path.exists(netrc) and "api.wandb.ai" in open(netrc).read())
+    return "online" if logged_in else "offline"
+
+
+def _clean(value):
+    """JSON-safe scalar: tensors to floats, NaN/inf to null."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class Tracker:
+    def __init__(self, output_dir, config, use_wandb, project, run_name, total_episodes, episodes_done=0):
+        from tqdm.auto import tqdm
+
+        self.output_dir = output_dir
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.wandb = None
+        if use_wandb:
+            import wandb
+
+            mode = _wandb_mode()
+            if mode == "offline":
+                print(f"wandb: no credentials found, logging offline to {output_dir}/wandb "
+                      "(`wandb login` to go online, `wandb sync` to upload this run)", file=sys.stderr)
+            self.wandb = wandb.init(project=project, name=run_name, dir=output_dir, mode=mode,
+                                    config={k: v for k, v in vars(config).items() if k != "explicit"})
+        self.bar = tqdm(total=total_episodes, initial=episodes_done, unit="episode", dynamic_ncols=True)
+
+    def log(self, metrics):
+        metrics = {k: _clean(v) for k, v in metrics.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=metrics["step"])
+        self.bar.update(metrics["episodes"] - self.bar.n)
+        self.bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=metrics.get("kl"), refresh=False)
+
+    def close(self):
+        self.bar.close()
+        png = plot_metrics(self.path, os.path.join(self.output_dir, "metrics.png"))
+        if self.wandb is not None:
+            if png:
+                import wandb
+
+                self.wandb.log({"curves": wandb.Image(png)})
+            self.wandb.finish()
+
+
+def read_metrics(path):
+    """metrics.jsonl -> list of dicts; a step logged twice (a resumed run) keeps its last line."""
+    by_step = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    by_step[row["step"]] = row
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def plot_metrics(path, png, keys=PLOTTED):
+    """Save one panel per key (value per step) to png; returns png, or None when nothing was logged."""
+    rows = read_metrics(path)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5))
+    for ax, key in zip(axes, keys):
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        ax.plot(*zip(*points), marker=".")
+        ax.set_xlabel("step")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
