@@ -42,17 +42,18 @@ def cache_dir():
 
 def demo_dataset(n=5000, seed=0):
     """Path of a local .jsonl of addition rows (the demo goes through the same loader as a user's file)."""
-    path = os.path.join(cache_dir(), f"addition-{n}-{seed}.jsonl")
+    max_operand = WARM_START["max_operand"]
+    path = os.path.join(cache_dir(), f"addition-{n}-{seed}-{max_operand}.jsonl")
     if not os.path.exists(path):
         os.makedirs(cache_dir(), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in addition_rows(n, seed=seed + 100))
+            f.writelines(json.dumps(row) + "\n" for row in addition_rows(n, seed + 100, max_operand))
         os.replace(tmp, path)
     return path
 
 
-WARM_START = dict(hidden_size=128, num_layers=2, max_operand=20, target_accuracy=0.2, seed=0, version=1)
+WARM_START = dict(hidden_size=128, num_layers=2, max_operand=9, target_accuracy=0.2, seed=0, version=1)
 
 
 def demo_model(**overrides):
