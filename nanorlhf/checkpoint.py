@@ -55,8 +55,9 @@ def find_checkpoint(path):
     return os.path.join(path, f"checkpoint-{max(steps)}")
 
 
-def load_checkpoint(path, model, optimizer, scheduler, extra_modules=None):
-    """Restore model adapter, optimizer, scheduler and RNG in place; returns the progress dict."""
+def load_checkpoint(path, model, optimizer, scheduler):
+    """Restore model adapter, optimizer, scheduler and RNG in place; returns (progress dict, {name: state_dict}
+    of the extra modules saved with it)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -64,12 +65,10 @@ def load_checkpoint(path, model, optimizer, scheduler, extra_modules=None):
     state = torch.load(os.path.join(path, STATE), weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    for name, module in (extra_modules or {}).items():
-        module.load_state_dict(state["modules"][name])
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     with open(os.path.join(path, "progress.json")) as f:
-        return json.load(f)
+        return json.load(f), state["modules"]

@@ -9,6 +9,8 @@ import math
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 from contextlib import contextmanager
 
@@ -73,7 +75,7 @@ class Run:
     def __init__(self, cfg, algo):
         from transformers import AutoConfig, AutoTokenizer
 
-        self.cfg, self.algo = cfg, algo
+        self.cfg, self.algo, self.times = cfg, algo, {}
         self.episodes_per_step = cfg.prompts_per_step * cfg.group_size
         self.total_steps = cfg.total_episodes // self.episodes_per_step
         if min(cfg.prompts_per_step, cfg.group_size, cfg.max_new_tokens, cfg.micro_batch_tokens) < 1:
@@ -112,12 +114,12 @@ class Run:
         self.optimizer = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad],
                                            lr=cfg.learning_rate, weight_decay=0.0)
         self.scheduler = cosine_schedule(self.optimizer, self.total_steps * getattr(cfg, "ppo_epochs", 1))
-        self.extra_modules = {}  # algorithm scripts add trainable modules here (PPO's value head) to checkpoint them
-        self.start_step, self.data_state = 1, self.prompts.state()
+        self.extra_modules, self.saved_modules = {}, {}  # see register()
+        self.start_step = 1
         if checkpoint:
-            progress = load_checkpoint(checkpoint, self.policy, self.optimizer, self.scheduler)
-            self.start_step, self.data_state = progress["step"] + 1, progress["data"]
-            self.prompts.load_state(self.data_state)
+            progress, self.saved_modules = load_checkpoint(checkpoint, self.policy, self.optimizer, self.scheduler)
+            self.start_step = progress["step"] + 1
+            self.prompts.load_state(progress["data"])
             print(f"resumed from {checkpoint}: continuing at step {self.start_step}")
         self.engine = RolloutEngine(model_name, self.max_model_len, cfg.dtype, cfg.vllm_gpu_memory, cfg.seed)
         if checkpoint:
@@ -125,7 +127,6 @@ class Run:
         self.tracker = Tracker(self.output_dir, cfg, cfg.wandb, cfg.wandb_project, os.path.basename(self.output_dir),
                                self.total_steps * self.episodes_per_step,
                                (self.start_step - 1) * self.episodes_per_step)
-        self.times, self.updated_since_log, self.completed_step = {}, False, self.start_step - 1
 
     def _prepare_output_dir(self, checkpoint):
         cfg = self.cfg
@@ -150,26 +151,41 @@ class Run:
     # --- the loop -------------------------------------------------------------------------------------
 
     def steps(self):
-        """Yield step numbers; checkpoint every save_every steps, at the end, and on Ctrl-C."""
-        cfg, step = self.cfg, self.start_step - 1
+        """Yield step numbers; checkpoint every save_every steps and at the end. Ctrl-C finishes the current
+        step, saves a checkpoint and exits with status 130; a second Ctrl-C aborts at once."""
+        stop = []
+
+        def on_interrupt(signum, frame):
+            print("\nCtrl-C: stopping after this step (Ctrl-C again to abort now)", flush=True)
+            stop.append(signum)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, on_interrupt) if in_main_thread else None
         try:
             for step in range(self.start_step, self.total_steps + 1):
                 self.times = {"step_start": time.perf_counter()}
                 yield step
-                if step % cfg.save_every == 0 or step == self.total_steps:
-                    self.save(step)
-        except KeyboardInterrupt:
-            if self.updated_since_log:  # the model moved past the last logged step: no consistent state to save
-                print(f"\ninterrupted mid-step {step}; resume from the last checkpoint in {self.output_dir}")
-            elif self.completed_step >= self.start_step:
-                print(f"\ninterrupted: saved {self.save(self.completed_step)}")
-            raise SystemExit(130)
+                if stop or step % self.cfg.save_every == 0 or step == self.total_steps:
+                    saved = self.save(step)
+                if stop:
+                    print(f"interrupted: saved {saved}; continue with --resume {self.output_dir}")
+                    raise SystemExit(130)
         finally:
+            if in_main_thread:
+                signal.signal(signal.SIGINT, previous)
             self.tracker.close()
             print(f"run folder: {self.output_dir}")
 
+    def register(self, name, module):
+        """Checkpoint `module` (e.g. a value head) with the run, and restore it now if resuming."""
+        self.extra_modules[name] = module
+        if name in self.saved_modules:
+            module.load_state_dict(self.saved_modules[name])
+        return module
+
     def save(self, step):
-        progress = {"step": step, "episodes": step * self.episodes_per_step, "data": self.data_state}
+        progress = {"step": step, "episodes": step * self.episodes_per_step, "data": self.prompts.state()}
         return save_checkpoint(self.output_dir, step, self.policy, self.optimizer, self.scheduler, progress,
                                self.extra_modules)
 
@@ -239,7 +255,6 @@ class Run:
         `mb` with `completion_mask` and `old_logprobs` (the policy's before this update, no grad), and its
         loss must already be divided by the whole batch's normaliser. Returns the loss, the stats averaged
         over tokens, and the logprob canary (vLLM vs trainer log-probs of the sampled tokens)."""
-        self.updated_since_log = True
         if len(batch) == 0:  # sparse GRPO dropped every completion: nothing to learn from this step
             return {"loss": 0.0, "micro_batches": 0}
         batches, pad = self.micro_batches(batch)
@@ -283,7 +298,6 @@ class Run:
     def log(self, step, rewards, completions, **metrics):
         """Write the step's metrics (metrics.jsonl, wandb, progress bar) and mark the step complete."""
         lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float)
-        self.data_state = self.prompts.state()
         self.times["time_step"] = time.perf_counter() - self.times.pop("step_start")
         row = {
             "step": step,
@@ -299,5 +313,4 @@ class Run:
             **metrics,
         }
         self.tracker.log(row)
-        self.updated_since_log, self.completed_step = False, step
         return row
