@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `cd GRPO && python grpo.py`
+from nanorlhf import tasks  # noqa: E402
 from nanorlhf.config import parse_config  # noqa: E402
 from nanorlhf.errors import UserError, exit_on_user_error  # noqa: E402
 
@@ -76,12 +77,9 @@ class Config:
     loss_type: str = "sequence"  # "sequence": mean over each completion's tokens, then over completions; "token"
 
 
-# --demo: CPU, no download, the bundled tiny model warm-started on two-number addition, exact-answer reward.
-DEMO = dict(model="demo:addition", reward_model="none", reward_fn="nanorlhf.tasks:addition_reward",
-            dataset="demo:addition-data", prompt_field="prompt", max_prompt_tokens=48, max_new_tokens=8,
-            total_episodes=3072, prompts_per_step=16, group_size=8, save_every=8, temperature=1.0, top_p=1.0,
-            dtype="float32", lora_r=16, lora_alpha=32, lora_dropout=0.0, gradient_checkpointing=False,
-            learning_rate=2e-3, micro_batch_tokens=4096, kl_coef=0.01)
+# --demo: the shared demo defaults (tiny model, addition, exact-answer reward; see nanorlhf/tasks.py) plus these.
+DEMO = {**tasks.DEMO, "total_episodes": 3072, "prompts_per_step": 16, "group_size": 8, "save_every": 8,
+        "learning_rate": 2e-3, "kl_coef": 0.01}
 
 
 def compute_advantages(rewards, group_size, scale_rewards=True, eps=1e-4):

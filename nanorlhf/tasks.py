@@ -36,6 +36,14 @@ def addition_reward(prompts, completions, answer, **_):
     return rewards
 
 
+# What `--demo` swaps in, shared by every algorithm script (each adds its own learning rate etc. on top):
+# CPU, no download, the warm-started tiny model on addition, exact-answer reward.
+DEMO = dict(model="demo:addition", reward_model="none", reward_fn="nanorlhf.tasks:addition_reward",
+            dataset="demo:addition-data", prompt_field="prompt", max_prompt_tokens=48, max_new_tokens=8,
+            temperature=1.0, top_p=1.0, dtype="float32", lora_r=16, lora_alpha=32, lora_dropout=0.0,
+            gradient_checkpointing=False, micro_batch_tokens=4096)
+
+
 def cache_dir():
     return os.environ.get("NANORLHF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "nanorlhf"))
 
