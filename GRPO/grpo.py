@@ -78,8 +78,8 @@ class Config:
 
 
 # --demo: the shared demo defaults (tiny model, addition, exact-answer reward; see nanorlhf/tasks.py) plus these.
-DEMO = {**tasks.DEMO, "total_episodes": 3072, "prompts_per_step": 16, "group_size": 8, "save_every": 8,
-        "learning_rate": 2e-3, "kl_coef": 0.01}
+DEMO = {**tasks.DEMO, "total_episodes": 15360, "prompts_per_step": 32, "group_size": 8, "ppo_epochs": 2,
+        "learning_rate": 2e-3, "kl_coef": 0.01, "save_every": 20}
 
 
 def compute_advantages(rewards, group_size, scale_rewards=True, eps=1e-4):

@@ -5,6 +5,7 @@ Every script's Config carries the same names for the same things (see ../shared/
 module reads them directly: cfg.model, cfg.dataset, cfg.group_size, cfg.micro_batch_tokens, ...
 """
 
+import itertools
 import math
 import os
 import random
@@ -133,8 +134,12 @@ class Run:
         output_dir = cfg.output_dir
         if not output_dir and checkpoint:
             output_dir = os.path.dirname(os.path.abspath(checkpoint))
-        if not output_dir:
-            output_dir = os.path.join("runs", f"{self.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if not output_dir:  # a new folder per run, so reruns never collide
+            output_dir = base = os.path.join("runs", f"{self.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
+            for n in itertools.count(2):
+                if not os.path.exists(output_dir):
+                    break
+                output_dir = f"{base}-{n}"
         holds_run = os.path.isdir(output_dir) and any(
             f == "metrics.jsonl" or f.startswith("checkpoint-") for f in os.listdir(output_dir))
         if holds_run and not checkpoint:

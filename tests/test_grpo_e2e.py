@@ -12,7 +12,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "GRPO", "grpo.py")
 # 8 steps of 16 prompts x 8 completions, checkpoint every 4
-SHORT = ["--demo", "--total_episodes", "1024", "--save_every", "4", "--wandb", "false"]
+SHORT = ["--demo", "--total_episodes", "1024", "--prompts_per_step", "16", "--save_every", "4", "--wandb", "false"]
 
 
 def run_script(*args, cwd=ROOT, env=None, timeout=600):
@@ -33,8 +33,13 @@ def progress(checkpoint):
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
     output_dir = str(tmp_path_factory.mktemp("grpo") / "run")
-    result = run_script(*SHORT, "--output_dir", output_dir)
+    # wandb on, without credentials: offline, with a notice and no prompt (stdin is closed)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    result = subprocess.run([sys.executable, SCRIPT, *SHORT, "--output_dir", output_dir, "--wandb", "true"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600, env=env, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "logging offline" in result.stderr
+    assert os.path.isdir(os.path.join(output_dir, "wandb"))
     return output_dir
 
 

@@ -1,0 +1,119 @@
+"""The critic (value model) for PPO: a second LoRA adapter, named "critic", on the policy's own frozen base
+model, plus a linear value head on the last hidden states. No second copy of the base is ever in memory.
+
+peft keeps one adapter active at a time, and `set_adapter` also makes only the active one trainable, so
+the critic's adapter is switched on only inside `Critic.active()` and the policy's ("default") is active
+everywhere else: the policy's log-probs, its optimizer's gradient clipping and the merged weights pushed
+into the engine (`merged_weights` reads the active adapter) never see the critic.
+"""
+
+import copy
+from contextlib import contextmanager
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from nanorlhf.policy import device, move_optimizer_state
+
+POLICY, CRITIC = "default", "critic"
+
+
+@torch.no_grad()
+def per_token(batch, micro_batches, fn):
+    """(B, C) tensor of fn(mb) -> (b, c) computed micro-batch by micro-batch, without gradients."""
+    out = torch.zeros(len(batch), max(map(len, batch.completion_ids)), device=device())
+    for idx in micro_batches:
+        values = fn(batch.select(idx, device()))
+        out[torch.tensor(idx, device=out.device), : values.shape[1]] = values.float()
+    return out
+
+
+class AdapterWeights:
+    """state_dict / load_state_dict of one named peft adapter, so `run.register` checkpoints it: the run's
+    checkpoint restores only the policy's adapter (peft's save_pretrained writes the others to
+    subfolders, but nothing reads them back)."""
+
+    def __init__(self, model, adapter_name):
+        self.model, self.adapter_name = model, adapter_name
+
+    def state_dict(self):
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.model, adapter_name=self.adapter_name)
+
+    def load_state_dict(self, state):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.model, state, adapter_name=self.adapter_name)
+
+
+class Critic:
+    """V(prompt, completion[:t]) for every completion token t: the critic adapter's last hidden state at the
+    position that predicts token t, through `head`, a Linear(hidden, 1) that starts as any new value head
+    does (PyTorch's default init). Its own AdamW trains the critic adapter and the head."""
+
+    def __init__(self, policy, pad_id, learning_rate, max_grad_norm):
+        self.policy, self.pad_id, self.max_grad_norm = policy, pad_id, max_grad_norm
+        policy.add_adapter(CRITIC, copy.deepcopy(policy.peft_config[POLICY]))  # same rank and targets as the policy
+        hidden_size = policy.get_base_model().config.hidden_size
+        self.head = torch.nn.Linear(hidden_size, 1).to(device())
+        with self.active():
+            self.trainable = [p for p in policy.parameters() if p.requires_grad] + list(self.head.parameters())
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=learning_rate, weight_decay=0.0)
+
+    def checkpointed(self):
+        """What `run.register` must save for an exact resume: head, critic adapter, critic optimizer."""
+        return {"value_head": self.head, "critic_adapter": AdapterWeights(self.policy, CRITIC),
+                "critic_optimizer": self.optimizer}
+
+    @contextmanager
+    def active(self):
+        """The critic adapter on (and trainable) inside, the policy's back on after."""
+        self.policy.set_adapter(CRITIC)
+        try:
+            yield
+        finally:
+            self.policy.set_adapter(POLICY)
+
+    def values(self, mb):
+        """(b, c) values of one micro-batch (call inside `active()`); padding positions hold garbage."""
+        sequences = [torch.tensor(p + c) for p, c in zip(mb.prompt_ids, mb.completion_ids)]
+        input_ids = pad_sequence(sequences, batch_first=True, padding_value=self.pad_id).to(device())
+        attention_mask = pad_sequence([torch.ones(len(s), dtype=torch.long) for s in sequences], batch_first=True)
+        hidden = self.policy.get_base_model().get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask.to(device())).last_hidden_state  # (b, L, H)
+        # the state before completion token t is the position that predicts it: len(prompt) - 1 + t
+        prompt_lengths = torch.tensor([len(p) for p in mb.prompt_ids])
+        width = max(map(len, mb.completion_ids))
+        positions = (prompt_lengths[:, None] - 1 + torch.arange(width)).clamp(max=input_ids.shape[1] - 1)
+        positions = positions.to(device())[..., None].expand(-1, -1, hidden.shape[-1])  # (b, c, H)
+        return self.head(hidden.gather(1, positions).float()).squeeze(-1)
+
+    def predict(self, batch, micro_batches):
+        """(B, C) values of a whole batch, no gradients."""
+        with self.active():
+            return per_token(batch, micro_batches, self.values)
+
+    def update(self, batch, micro_batches, loss_fn, epochs=1):
+        """`epochs` optimizer steps of the critic on the whole batch, each accumulating gradients over the
+        micro-batches. loss_fn(values, mb) -> (loss, {stat: token mean}) must already divide by the whole
+        batch's normaliser. Returns the loss (mean over epochs) and the stats averaged over tokens."""
+        sums, loss_sum, tokens = {}, 0.0, 0
+        with self.active():
+            move_optimizer_state(self.optimizer, device())
+            for epoch in range(epochs):
+                for idx in micro_batches:
+                    mb = batch.select(idx, device())
+                    loss, stats = loss_fn(self.values(mb), mb)
+                    loss.backward()
+                    loss_sum += loss.item() / epochs
+                    n_tokens = sum(map(len, mb.completion_ids))
+                    tokens += n_tokens
+                    for k, v in stats.items():
+                        sums[k] = sums.get(k, 0.0) + float(v) * n_tokens
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            move_optimizer_state(self.optimizer, "cpu")  # off the GPU while the engine generates
+        return {"value_loss": loss_sum, "value_grad_norm": grad_norm.item(),
+                **{k: v / max(tokens, 1) for k, v in sums.items()}}
