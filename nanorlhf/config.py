@@ -35,9 +35,12 @@ def _convert(name, kind, text):
 
 
 def _comments(cls):
-    """The trailing `# comment` of each field in the class source: the one-line help of that field."""
+    """The trailing `# comment` of each field in the class source (and its dataclass bases): its help line."""
     pattern = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.*)$")
-    return dict(m.groups() for m in map(pattern.match, inspect.getsource(cls).splitlines()) if m)
+    comments = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        comments.update(m.groups() for m in map(pattern.match, inspect.getsource(klass).splitlines()) if m)
+    return comments
 
 
 def format_help(cls, script):

@@ -62,18 +62,19 @@ def prompt_text(messages):
 class PromptStream:
     """Endless shuffled pass over the dataset (a new order each epoch), tokenizing prompts as they are taken.
 
-    Prompts longer than `max_prompt_tokens` are skipped and counted (`skipped`). `state()` /
+    Prompts are rendered with the tokenizer's chat template, or with `template` (a str.format pattern with
+    a {prompt} slot) when given. Prompts longer than `max_prompt_tokens` are skipped and counted (`skipped`). `state()` /
     `load_state()` give the exact position, so a resumed run takes the same prompts it would have.
     """
 
-    def __init__(self, rows, tokenizer, prompt_field, max_prompt_tokens, seed):
+    def __init__(self, rows, tokenizer, prompt_field, max_prompt_tokens, seed, template=""):
         if prompt_field not in rows.column_names:
             raise UserError(f"--prompt_field {prompt_field!r} is not a column of the dataset "
                             f"(columns: {', '.join(rows.column_names)})")
         if len(rows) == 0:
             raise UserError("--dataset has no rows")
         self.rows, self.tokenizer, self.prompt_field = rows, tokenizer, prompt_field
-        self.max_prompt_tokens, self.seed = max_prompt_tokens, seed
+        self.max_prompt_tokens, self.seed, self.template = max_prompt_tokens, seed, template
         self.epoch, self.cursor, self.skipped, self.taken = 0, 0, 0, 0
         self._order = None
 
@@ -91,7 +92,10 @@ class PromptStream:
             if self.cursor == len(self.rows):
                 self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
             messages = to_messages(row[self.prompt_field])
-            rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            if self.template:  # a plain-text prompt for base models, e.g. R1-Zero's "...User: {prompt}\nAssistant:"
+                rendered = self.template.format(prompt=prompt_text(messages))
+            else:
+                rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             token_ids = self.tokenizer(rendered, add_special_tokens=False).input_ids
             if len(token_ids) > self.max_prompt_tokens:
                 self.skipped += 1

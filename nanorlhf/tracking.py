@@ -6,7 +6,7 @@ import math
 import os
 import sys
 
-PLOTTED = ("reward_mean", "response_length_mean")
+PLOTTED = ("reward_mean", "response_length_mean", "eval_reward_mean", "eval_response_length_mean")
 
 
 def _wandb_mode():
@@ -78,17 +78,18 @@ def read_metrics(path):
 
 
 def plot_metrics(path, png, keys=PLOTTED):
-    """Save one panel per key (value per step) to png; returns png, or None when nothing was logged."""
+    """Save one panel per logged key (value per step) to png; returns png, or None when nothing was logged."""
     rows = read_metrics(path)
-    if not rows:
+    keys = [k for k in keys if any(r.get(k) is not None for r in rows)]
+    if not keys:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5))
-    for ax, key in zip(axes, keys):
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], keys):
         points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
         ax.plot(*zip(*points), marker=".")
         ax.set_xlabel("step")
