@@ -130,14 +130,14 @@ def compute_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_ep
     return loss, stats
 
 
-def main(cfg):
+def main(cfg, algo="grpo"):
     from nanorlhf.run import Run
 
     if cfg.group_size < 2:
         raise UserError("--group_size must be at least 2: GRPO's baseline is the mean of the other completions")
     if cfg.loss_type not in ("sequence", "token"):
         raise UserError(f"--loss_type must be sequence or token, got {cfg.loss_type!r}")
-    run = Run(cfg, algo="grpo")
+    run = Run(cfg, algo)
     for step in run.steps():
         # 1. take the next prompts
         prompts = run.prompts.next(cfg.prompts_per_step)

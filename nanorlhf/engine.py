@@ -18,6 +18,12 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+# A LoRA push reloads only the linear layers, and vLLM warns about every other weight on each push. A filter
+# (unlike a level) survives vLLM's logging reconfiguration.
+for _module in ("inplace", "layerwise"):
+    logging.getLogger(f"vllm.model_executor.model_loader.reload.{_module}").addFilter(
+        lambda record: record.levelno >= logging.ERROR)
+
 
 @dataclasses.dataclass
 class Completion:
@@ -34,9 +40,6 @@ class RolloutEngine:
     def __init__(self, model, max_model_len, dtype="bfloat16", gpu_memory_utilization=0.3, seed=0):
         from vllm import LLM
 
-        # A LoRA push reloads only the linear layers; vLLM would warn about every other weight on each push.
-        for module in ("inplace", "layerwise"):
-            logging.getLogger(f"vllm.model_executor.model_loader.reload.{module}").setLevel(logging.ERROR)
         self.on_gpu = torch.cuda.is_available()
         self.llm = LLM(
             model=model,

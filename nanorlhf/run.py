@@ -18,7 +18,6 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from nanorlhf import tasks
 from nanorlhf.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from nanorlhf.data import PromptStream, load_rows
 from nanorlhf.engine import RolloutEngine
@@ -26,6 +25,7 @@ from nanorlhf.errors import UserError
 from nanorlhf.logprobs import completion_logprobs, padding_fraction, token_budget_batches
 from nanorlhf.policy import device, load_policy, merged_weights, move_optimizer_state
 from nanorlhf.rewards import build_rewards
+from nanorlhf.tasks import resolve
 from nanorlhf.tracking import Tracker
 
 
@@ -54,15 +54,6 @@ class Batch(dict):
             else:
                 out[key] = value
         return out
-
-
-def resolve(name):
-    """`demo:addition` names the bundled demo model / dataset, built locally on first use."""
-    if name == "demo:addition":
-        return tasks.demo_model()
-    if name == "demo:addition-data":
-        return tasks.demo_dataset()
-    return name
 
 
 def cosine_schedule(optimizer, total_steps, floor=0.1):
@@ -344,6 +335,9 @@ class Run:
             "engine_builds": RolloutEngine.builds,
             "kl": None,  # stays null when there is no reference pass (kl_coef 0)
             "generate_tokens_per_second": self.times.pop("generated_tokens") / self.times["time_generate"],
+            # counters a reward function carries in a `metrics` dict (e.g. the math verifier's timeouts)
+            **{f"reward_{fn.__name__}_{k}": v for fn in self.rewards.functions for k, v in
+               getattr(fn, "metrics", {}).items()},
             **self.times,
             **metrics,
         }

@@ -61,7 +61,20 @@ def demo_dataset(n=5000, seed=0):
     return path
 
 
-WARM_START = dict(hidden_size=128, num_layers=2, max_operand=9, target_accuracy=0.2, seed=0, version=1)
+WARM_START = dict(hidden_size=128, num_layers=2, max_operand=9, target_accuracy=0.2, answer_format="{}", seed=0,
+                  version=1)
+BOXED = "\\boxed{{{}}}"  # R1-style final answers: \boxed{12}
+
+
+def resolve(name):
+    """`demo:...` names the bundled demo model and datasets (built locally on first use); others pass through."""
+    demo_names = {
+        "demo:addition": demo_model,
+        "demo:addition-boxed": lambda: demo_model(answer_format=BOXED),
+        "demo:addition-data": demo_dataset,
+        "demo:addition-eval": lambda: demo_dataset(n=200, seed=1),
+    }
+    return demo_names[name]() if name in demo_names else name
 
 
 def demo_model(**overrides):
@@ -86,7 +99,7 @@ def demo_model(**overrides):
     return path
 
 
-def _warm_start(out_dir, hidden_size, num_layers, max_operand, target_accuracy, seed, version):
+def _warm_start(out_dir, hidden_size, num_layers, max_operand, target_accuracy, answer_format, seed, version):
     """Supervised training of a fresh tiny model on addition until greedy accuracy >= target_accuracy."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -95,7 +108,7 @@ def _warm_start(out_dir, hidden_size, num_layers, max_operand, target_accuracy, 
 
     train = addition_rows(20000, seed=seed + 1, max_operand=max_operand)
     held_out = addition_rows(256, seed=seed + 2, max_operand=max_operand)
-    texts = [r["prompt"] + " " + r["answer"] for r in train[:2000]] + ["user assistant system"]
+    texts = [r["prompt"] + " " + answer_format.format(r["answer"]) for r in train[:2000]] + ["user assistant system"]
     build_tiny_policy(out_dir, texts, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
     model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
@@ -108,7 +121,8 @@ def _warm_start(out_dir, hidden_size, num_layers, max_operand, target_accuracy, 
                 [{"role": "user", "content": row["prompt"]}], add_generation_prompt=True, tokenize=False
             )
             p = tokenizer(prompt, add_special_tokens=False).input_ids
-            a = tokenizer(row["answer"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            answer = answer_format.format(row["answer"])
+            a = tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
             ids.append(p + a)
             labels.append([-100] * len(p) + a)
         width = max(map(len, ids))
