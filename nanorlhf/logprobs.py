@@ -35,16 +35,25 @@ def padding_fraction(batches, lengths):
 
 
 def _chunk_logprobs(lm_head, hidden, targets, temperature, with_raw):
+    """Written so that at most two (chunk, vocab) fp32 tensors are alive at once."""
     logits = lm_head(hidden).float()  # (chunk, vocab)
-    logprobs = (logits / temperature).log_softmax(-1)
+    raw = None
+    if with_raw:
+        with torch.no_grad():
+            raw = logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+    if temperature != 1.0:
+        logits = logits.div_(temperature)
+    logprobs = logits.log_softmax(-1)  # its backward needs only its output: the logits can go
+    del logits
     token_logprobs = logprobs.gather(-1, targets[:, None])[:, 0]
     with torch.no_grad():
-        entropy = -(logprobs.exp() * logprobs).sum(-1)
-        raw = logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0] if with_raw else entropy
+        entropy = -logprobs.exp().mul_(logprobs).sum(-1)
+    if raw is None:
+        raw = token_logprobs.detach() if temperature == 1.0 else torch.zeros_like(entropy)
     return token_logprobs, entropy, raw
 
 
-def completion_logprobs(model, prompts, completions, pad_id, temperature=1.0, chunk_tokens=512, with_raw=False):
+def completion_logprobs(model, prompts, completions, pad_id, temperature=1.0, chunk_tokens=256, with_raw=False):
     """Log-probs of each completion token given its prompt and the completion tokens before it.
 
     prompts, completions: lists of token-id lists. Returns (B, C) tensors, C = longest completion:
