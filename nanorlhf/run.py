@@ -241,7 +241,8 @@ class Run:
         return batches, padding_fraction(batches, lengths)
 
     def logprobs(self, mb, with_raw=False):
-        return completion_logprobs(self.policy, mb.prompt_ids, mb.completion_ids, self.tokenizer.pad_token_id,
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0  # masked anyway
+        return completion_logprobs(self.policy, mb.prompt_ids, mb.completion_ids, pad_id,
                                    self.cfg.temperature, with_raw=with_raw)
 
     @torch.no_grad()
