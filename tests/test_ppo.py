@@ -173,18 +173,19 @@ SCRIPT = os.path.join(ROOT, "PPO", "ppo.py")
 
 
 def run_script(*args):
-    return subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          check=False)
 
 
 def test_demo_run_logs_ppo_metrics(tmp_path):
     output_dir = str(tmp_path / "run")
-    # 2 value-initialisation steps, then 3 PPO steps of 8 prompts x 4 completions
-    result = run_script("--demo", "--total_episodes", "96", "--prompts_per_step", "8", "--group_size", "4",
-                        "--value_init_steps", "2", "--wandb", "false", "--output_dir", output_dir)
+    # 1 value-initialisation step, then 2 PPO steps of 8 prompts x 4 completions
+    result = run_script("--demo", "--total_episodes", "64", "--prompts_per_step", "8", "--group_size", "4",
+                        "--value_init_steps", "1", "--wandb", "false", "--output_dir", output_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["step"] for r in rows] == [1, 2]
     assert all(r["engine_builds"] == 1 for r in rows)
     assert all(r["logprob_diff"] < 0.05 for r in rows)  # the engine samples with the policy adapter only
     required = {"step", "episodes", "reward_mean", "reward_std", "kl", "loss", "response_length_mean", "time_step",
@@ -194,8 +195,8 @@ def test_demo_run_logs_ppo_metrics(tmp_path):
     assert rows[-1]["kl"] is not None
     with open(os.path.join(output_dir, "value_init.jsonl")) as f:
         init_rows = [json.loads(line) for line in f]
-    assert [r["init_step"] for r in init_rows] == [1, 2]
-    assert os.path.exists(os.path.join(output_dir, "checkpoint-3", "critic", "adapter_model.safetensors"))
+    assert [r["init_step"] for r in init_rows] == [1]
+    assert os.path.exists(os.path.join(output_dir, "checkpoint-2", "critic", "adapter_model.safetensors"))
 
 
 @pytest.mark.parametrize("args, words", [

@@ -1,0 +1,283 @@
+"""Persistent vLLM engine (weights pushed in place) against rebuilding the engine after every update.
+
+The original nanoRLHF, after each optimizer step, merged the LoRA adapter into the base model, saved the merged
+model to disk and constructed a new vLLM `LLM` from that folder. nanoRLHF keeps one engine for the whole run and
+reloads the merged LoRA layers into it in place (`Run.sync` -> `RolloutEngine.push_weights`).
+
+How: the SAME GRPO loop (`GRPO/grpo.py`'s `main`, imported as a module) runs twice, each in a subprocess of this
+script (`--strategy persistent|rebuild`), on the same model, data, seed and settings:
+- persistent: the loop as it is.
+- rebuild:    `nanorlhf.run.Run.sync` is replaced by `rebuild_sync` below, which inside the same
+              `timed("time_sync")` deep-copies the peft policy, `merge_and_unload()`s it, `save_pretrained`s it
+              and the tokenizer to a folder, deletes the old engine (`del engine.llm`, gc.collect()) and builds a
+              new `RolloutEngine` from that folder, so `engine_builds` in metrics.jsonl counts the rebuilds.
+Per-step `time_step` and `time_sync` come from each run's metrics.jsonl; the first `--warmup` steps are not counted
+(the first generate pays vLLM's warm-up). With `--repeats N` the two strategies alternate (persistent first, then
+rebuild first, ...) and the timed steps of all runs are pooled, so a change in machine load hits both sides.
+Reported per strategy: mean step seconds, mean sync seconds, sync share of the step, engine_builds, and the mean
+logprob canary (a rebuild is a correct sync too: the canary stays small); and the rebuild/persistent ratio of
+step time. The goal (issue): sync under 5% of a step with the persistent engine.
+
+Model: `nanorlhf.tiny.build_tiny_policy` with hidden 512 and 4 layers (random weights, head size 64), so merging
+and saving are not free; the GRPO `--demo` defaults otherwise (addition prompts from `demo:addition-data`, reward
+`nanorlhf.tasks:addition_reward`, 32 prompts x 8 completions, 8 new tokens, 2 epochs). Any further `--field value`
+is passed to GRPO in both runs (e.g. `--max_new_tokens 64`). A vLLM build's cost is mostly fixed (engine start,
+compilation, KV-cache allocation), so small models understate nothing but the weight loading of real ones.
+
+Commands (results: benchmarks/results/engine_rebuild_cpu.json, docs/img/engine_rebuild.png):
+  python benchmarks/engine_rebuild.py --json benchmarks/results/engine_rebuild_cpu.json \\
+      --plot docs/img/engine_rebuild.png      # 6 steps x 2 strategies x 2 repeats: about 20 minutes on 2 busy cores
+  python benchmarks/engine_rebuild.py --tiny  # demo model, 2 small steps, 1 repeat: what tests/test_bench_loop.py runs
+  python benchmarks/engine_rebuild.py --strategy rebuild --demo --output_dir runs/rebuild   # one side only
+"""
+
+import argparse
+import copy
+import gc
+import importlib.util
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run as a plain script
+
+STRATEGIES = ("persistent", "rebuild")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
+                                epilog="Other --field value pairs are passed to GRPO/grpo.py in both runs.")
+    p.add_argument("--hidden", type=int, default=512, help="hidden size of the random model (head size 64)")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers of the random model")
+    p.add_argument("--steps", type=int, default=6, help="GRPO steps per run, warm-up included")
+    p.add_argument("--warmup", type=int, default=1, help="first steps of each run not counted")
+    p.add_argument("--repeats", type=int, default=2, help="runs per strategy, alternating which goes first")
+    p.add_argument("--prompts_per_step", type=int, default=32, help="prompts per step (GRPO demo: 32)")
+    p.add_argument("--group_size", type=int, default=8, help="completions per prompt (GRPO demo: 8)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the runs; 0 = library default")
+    p.add_argument("--tiny", action="store_true", help="the demo model, 4 prompts x 4, 2 steps, 1 repeat: the test")
+    p.add_argument("--workdir", help="keep the model and run folders here (default: a temporary folder)")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--plot", help="write a PNG bar chart here")
+    p.add_argument("--strategy", choices=STRATEGIES, help="FIRST argument only: run ONE GRPO run with this sync; "
+                   "every argument after it goes to GRPO/grpo.py")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--strategy"]:  # the worker: everything after the strategy is GRPO's
+        if len(argv) < 2 or argv[1] not in STRATEGIES:
+            p.error(f"--strategy takes one of {', '.join(STRATEGIES)}")
+        return argparse.Namespace(strategy=argv[1]), argv[2:]
+    args, grpo_flags = p.parse_known_args(argv)
+    if args.strategy:
+        p.error("--strategy must come first; the arguments after it go to GRPO/grpo.py")
+    if args.tiny:
+        args.hidden, args.layers, args.steps, args.repeats = 128, 2, 2, 1  # the demo model's shape
+        args.prompts_per_step, args.group_size = 4, 4
+    if args.steps <= args.warmup:
+        p.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup}): no step would be timed")
+    if args.hidden % 64:
+        p.error("--hidden must be a multiple of 64 (head size 64: vLLM's CPU attention needs >= 32)")
+    return args, grpo_flags
+
+
+# --- the worker: one GRPO run ---------------------------------------------------------------------------------
+
+
+def rebuild_sync(self):
+    """What the original nanoRLHF did after every update: merge the LoRA into a copy of the model, save it to disk,
+    and build a new vLLM engine from that folder (replaces `nanorlhf.run.Run.sync` in the rebuild strategy)."""
+    import torch
+
+    from nanorlhf.engine import RolloutEngine
+
+    with self.timed("time_sync"):
+        merged = copy.deepcopy(self.policy).merge_and_unload()
+        folder = os.path.join(self.output_dir, "merged-model")
+        merged.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        del merged
+        del self.engine.llm  # the old engine must go before the new one takes its memory
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.engine = RolloutEngine(folder, self.max_model_len, self.cfg.dtype, self.cfg.vllm_gpu_memory,
+                                    self.cfg.seed)
+
+
+def load_script(relpath):
+    """Import an algorithm script as a module (its main() does not run: it is behind __main__)."""
+    name = os.path.splitext(os.path.basename(relpath))[0]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relpath))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def worker(strategy, grpo_argv):
+    """One GRPO run with the given sync; its peak RSS goes to <output_dir>/engine_rebuild_worker.json."""
+    from nanorlhf.config import parse_config
+    from nanorlhf.errors import exit_on_user_error
+
+    grpo = load_script(os.path.join("GRPO", "grpo.py"))
+    if strategy == "rebuild":
+        import nanorlhf.run
+
+        nanorlhf.run.Run.sync = rebuild_sync
+    with exit_on_user_error():
+        cfg = parse_config(grpo.Config, grpo_argv, demo=grpo.DEMO)
+        grpo.main(cfg)
+    if cfg.output_dir:
+        with open(os.path.join(cfg.output_dir, "engine_rebuild_worker.json"), "w") as f:
+            json.dump({"strategy": strategy,
+                       "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}, f)
+
+
+# --- the parent: both strategies, the table -------------------------------------------------------------------
+
+
+def build_model(workdir, args):
+    if args.tiny:
+        return "demo:addition"
+    from nanorlhf.tasks import addition_rows
+    from nanorlhf.tiny import build_tiny_policy
+
+    rows = addition_rows(2000, seed=args.seed)
+    texts = [f"{r['prompt']} {r['answer']}" for r in rows] + ["user assistant system"]
+    return build_tiny_policy(os.path.join(workdir, "model"), texts, hidden_size=args.hidden, num_layers=args.layers,
+                             seed=args.seed)
+
+
+def run_strategy(strategy, model, out_dir, args, grpo_flags):
+    flags = ["--demo", "--model", model, "--prompts_per_step", str(args.prompts_per_step),
+             "--group_size", str(args.group_size),
+             "--total_episodes", str(args.steps * args.prompts_per_step * args.group_size),
+             "--seed", str(args.seed), "--save_every", "1000000", "--wandb", "false",
+             "--output_dir", out_dir, "--overwrite", "true", *grpo_flags]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), "--strategy", strategy, *flags], cwd=ROOT,
+                            capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - start
+    if result.returncode != 0:
+        sys.exit(f"{strategy} run failed (exit {result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    from nanorlhf.tracking import read_metrics
+
+    rows = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
+    with open(os.path.join(out_dir, "engine_rebuild_worker.json")) as f:
+        worker_info = json.load(f)
+    keys = ("step", "time_step", "time_sync", "time_generate", "time_train", "engine_builds", "logprob_diff")
+    return {"steps": [{k: r.get(k) for k in keys} for r in rows], "wall_seconds": wall, **worker_info}
+
+
+def summarize(runs, warmup):
+    timed = [s for run in runs for s in run["steps"][warmup:]]
+    step = statistics.mean(s["time_step"] for s in timed)
+    sync = statistics.mean(s["time_sync"] for s in timed)
+    return {
+        "timed_steps": len(timed),
+        "step_seconds": step,
+        "step_seconds_median": statistics.median(s["time_step"] for s in timed),
+        "sync_seconds": sync,
+        "sync_share": sync / step,
+        "generate_seconds": statistics.mean(s["time_generate"] for s in timed),
+        "train_seconds": statistics.mean(s["time_train"] for s in timed),
+        "logprob_diff": statistics.mean(s["logprob_diff"] for s in timed),
+        # engine_builds of every logged step of every run (warm-up included): the rebuild counter
+        "engine_builds": [[s["engine_builds"] for s in run["steps"]] for run in runs],
+        "max_rss_gib": max(run["max_rss_gib"] for run in runs),
+        "run_wall_seconds": [round(run["wall_seconds"], 1) for run in runs],
+        "all_step_seconds": [round(s["time_step"], 3) for s in timed],
+        "all_sync_seconds": [round(s["time_sync"], 4) for s in timed],
+    }
+
+
+def print_table(results, ratios):
+    header = (f"{'strategy':<11} {'s/step':>8} {'s/sync':>8} {'sync share':>11} {'gen s':>7} {'train s':>8} "
+              f"{'canary':>8} {'max RSS GiB':>12}  engine_builds (last step of each run)")
+    print(header)
+    print("-" * len(header))
+    for name, r in results.items():
+        builds = ", ".join(str(run[-1]) for run in r["engine_builds"])
+        print(f"{name:<11} {r['step_seconds']:>8.2f} {r['sync_seconds']:>8.3f} {r['sync_share']:>11.1%} "
+              f"{r['generate_seconds']:>7.2f} {r['train_seconds']:>8.2f} {r['logprob_diff']:>8.4f} "
+              f"{r['max_rss_gib']:>12.2f}  {builds}")
+    print(f"rebuild/persistent step time: {ratios['step_seconds']:.2f}x")
+    print(f"rebuild/persistent sync time: {ratios['sync_seconds']:.0f}x")
+    share = results["persistent"]["sync_share"]
+    print(f"persistent sync share of a step: {share:.1%} (goal: under 5%: {'met' if share < 0.05 else 'NOT met'})")
+
+
+def plot(results, ratios, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    sync = [results[n]["sync_seconds"] for n in names]
+    rest = [results[n]["step_seconds"] - results[n]["sync_seconds"] for n in names]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar(names, rest, color="tab:blue", label="rest of the step (generate, score, log-probs, train)")
+    bars = ax.bar(names, sync, bottom=rest, color="tab:red", label="sync (weights into the engine)")
+    ax.bar_label(bars, [f"sync {results[n]['sync_share']:.1%} of step" for n in names])
+    ax.set_ylabel("seconds per step (mean)")
+    ax.margins(y=0.15)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title(f"{title}\nrebuild/persistent step time = {ratios['step_seconds']:.2f}x", fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(args, grpo_flags):
+    import torch
+
+    workdir = args.workdir or tempfile.mkdtemp(prefix="engine_rebuild-")
+    os.makedirs(workdir, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_model(workdir, args)
+    model_desc = "the demo model (hidden 128, 2 layers)" if args.tiny else \
+        f"random Qwen2, hidden {args.hidden}, {args.layers} layers"
+    episodes = args.prompts_per_step * args.group_size
+    print(f"GRPO --demo on {device} with {model_desc}; {args.prompts_per_step} prompts x {args.group_size} = "
+          f"{episodes} episodes/step; {args.steps} steps per run ({args.warmup} warm-up not counted), "
+          f"{args.repeats} run(s) per strategy; extra GRPO flags: {' '.join(grpo_flags) or 'none'}", flush=True)
+    runs = {name: [] for name in STRATEGIES}
+    for repeat in range(args.repeats):
+        for name in STRATEGIES if repeat % 2 == 0 else STRATEGIES[::-1]:
+            run = run_strategy(name, model, os.path.join(workdir, f"{name}-{repeat}"), args, grpo_flags)
+            runs[name].append(run)
+            print(f"  run {repeat + 1} {name}: steps {[round(s['time_step'], 2) for s in run['steps']]} s, sync "
+                  f"{[round(s['time_sync'], 3) for s in run['steps']]} s, engine_builds "
+                  f"{[s['engine_builds'] for s in run['steps']]} ({run['wall_seconds']:.0f} s with start-up)",
+                  flush=True)
+    results = {name: summarize(name_runs, args.warmup) for name, name_runs in runs.items()}
+    ratios = {key: results["rebuild"][key] / results["persistent"][key] for key in ("step_seconds", "sync_seconds")}
+    print()
+    print_table(results, ratios)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        settings = {k: v for k, v in vars(args).items() if k not in ("json", "plot", "workdir", "strategy")}
+        with open(args.json, "w") as f:
+            json.dump({"device": device, "cpu_count": os.cpu_count(), "load_average_at_end": os.getloadavg(),
+                       "model": model_desc, "settings": settings, "grpo_flags": grpo_flags, "results": results,
+                       "ratios": ratios, "runs": runs}, f, indent=1)
+    if args.plot:
+        plot(results, ratios, args.plot, f"GRPO demo step on {device}, {model_desc}, {episodes} episodes")
+
+
+if __name__ == "__main__":
+    cli, rest = parse_args()
+    if cli.strategy:
+        worker(cli.strategy, rest)
+    else:
+        main(cli, rest)
