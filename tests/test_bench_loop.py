@@ -68,11 +68,11 @@ def test_engine_rebuild_tiny(runs):
 
 def test_batching_sparse_tiny(runs):
     output, report = finished(runs, "batching_sparse")
-    assert "fixed/budget=peak time" in output and "full/sparse time" in output
+    assert "fixed/budget=peak: CPU time" in output and "full/sparse: CPU time" in output
     rows = report["rows"]
     assert set(rows) == {"fixed", "budget=peak", "budget=mean", "sparse"}
     for name, row in rows.items():
-        assert row["seconds"] > 0 and row["padded_tokens"] >= row["real_tokens"] > 0, name
+        assert row["cpu_seconds"] > 0 and row["padded_tokens"] >= row["real_tokens"] > 0, name
         assert 0 <= row["padding_fraction"] < 1, name
         assert row["largest_micro_batch_tokens"] <= max(report["budgets"]["peak"], max(report["completion_lengths"])
                                                         + report["settings"]["prompt_tokens"]), name
