@@ -60,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--lora_r", type=int, default=64)
     p.add_argument("--lora_alpha", type=int, default=16)
     p.add_argument("--learning_rate", type=float, default=1e-6)
-    p.add_argument("--chunk_tokens", type=int, default=512, help="completion_logprobs chunk size")
+    p.add_argument("--chunk_tokens", type=int, default=128, help="completion_logprobs chunk size (its default)")
     p.add_argument("--peak_tflops", type=float, help="the card's dense bf16 peak; default 989 (H100 SXM) on cuda")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--tiny", action="store_true", help="hidden 128, 2 layers, vocab 1000, 64/128 tokens, 1 step")

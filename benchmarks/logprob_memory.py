@@ -56,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=int, default=151936, help="vocabulary size (Qwen2.5)")
     p.add_argument("--hidden", type=int, default=1536, help="hidden size (Qwen2.5-1.5B)")
     p.add_argument("--layers", type=int, default=1, help="decoder layers (only produce the hidden states)")
-    p.add_argument("--chunk_tokens", type=int, default=512, help="completion_logprobs chunk size")
+    p.add_argument("--chunk_tokens", type=int, default=128, help="completion_logprobs chunk size (its default)")
     p.add_argument("--modes", default="no_grad,train", help="no_grad and/or train (forward with grad + backward)")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="model dtype (the training dtype)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])

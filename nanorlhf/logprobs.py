@@ -53,7 +53,7 @@ def _chunk_logprobs(lm_head, hidden, targets, temperature, with_raw):
     return token_logprobs, entropy, raw
 
 
-def completion_logprobs(model, prompts, completions, pad_id, temperature=1.0, chunk_tokens=256, with_raw=False):
+def completion_logprobs(model, prompts, completions, pad_id, temperature=1.0, chunk_tokens=128, with_raw=False):
     """Log-probs of each completion token given its prompt and the completion tokens before it.
 
     prompts, completions: lists of token-id lists. Returns (B, C) tensors, C = longest completion:
