@@ -134,7 +134,7 @@ def main(cfg, algo="grpo"):
     from nanorlhf.run import Run
 
     if cfg.group_size < 2:
-        raise UserError("--group_size must be at least 2: GRPO's baseline is the mean of the other completions")
+        raise UserError("--group_size must be at least 2: GRPO's baseline is the mean of the group's rewards")
     if cfg.loss_type not in ("sequence", "token"):
         raise UserError(f"--loss_type must be sequence or token, got {cfg.loss_type!r}")
     run = Run(cfg, algo)

@@ -211,7 +211,7 @@ def initialise_value_model(run, critic, cfg):
 
 
 def main(cfg):
-    from nanorlhf.critic import Critic, per_token
+    from nanorlhf.critic import Critic
     from nanorlhf.run import Run
 
     if not (0 <= cfg.gamma <= 1 and 0 <= cfg.lam <= 1):
@@ -238,8 +238,7 @@ def main(cfg):
         batch.ref_logprobs, logprobs, kl = None, None, None
         if cfg.kl_coef > 0:
             batch.ref_logprobs = run.reference_logprobs(batch).cpu()
-            with run.timed("time_reference"):
-                logprobs = per_token(batch, micro_batches, lambda mb: run.logprobs(mb)["logprobs"]).cpu()
+            logprobs = run.policy_logprobs(batch).cpu()
             kl = ((logprobs - batch.ref_logprobs) * mask).sum().item() / mask.sum().item()
         with run.timed("time_value"):
             batch.old_values = critic.predict(batch, micro_batches).cpu()

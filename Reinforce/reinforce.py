@@ -104,19 +104,6 @@ def compute_advantages(rewards, whiten=True, eps=1e-8):
     return (rewards - rewards.mean()) / (rewards.std() + eps)
 
 
-@torch.no_grad()
-def policy_logprobs(run, batch):
-    """(N, C) log-probs of the sampled tokens under the current policy (the weights that sampled them), no grad.
-    Run.reference_logprobs with the adapter left on: plumbing that belongs in nanorlhf/run.py."""
-    from nanorlhf.policy import device
-
-    out = torch.zeros(batch.vllm_logprobs.shape, device=device())
-    for idx in run.micro_batches(batch)[0]:
-        lp = run.logprobs(batch.select(idx, device()))["logprobs"]
-        out[torch.tensor(idx, device=out.device), : lp.shape[1]] = lp
-    return out
-
-
 def compute_loss(logprobs, old_logprobs, advantages, mask, clip_eps, loss_type, normalizer):
     """REINFORCE as a clipped surrogate, per token (all (b, T) but advantages (b,)); the KL is in the reward:
 
@@ -159,7 +146,7 @@ def main(cfg):
         # 5. reference (adapter off) and policy log-probs, no grad -> KL-penalised rewards -> whitened advantages
         kl = torch.zeros(len(batch))  # (N,)
         if cfg.kl_coef > 0:
-            kl = sequence_kl(policy_logprobs(run, batch), run.reference_logprobs(batch)).cpu()
+            kl = sequence_kl(run.policy_logprobs(batch), run.reference_logprobs(batch)).cpu()
         penalized_rewards = rewards - cfg.kl_coef * kl
         batch.advantages = compute_advantages(penalized_rewards, cfg.whiten_advantages)
         # 6. loss, backward, optimizer step

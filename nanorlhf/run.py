@@ -245,12 +245,18 @@ class Run:
         return completion_logprobs(self.policy, mb.prompt_ids, mb.completion_ids, pad_id,
                                    self.cfg.temperature, with_raw=with_raw)
 
-    @torch.no_grad()
     def reference_logprobs(self, batch):
         """(B, C) log-probs under the reference policy: the same base model with the LoRA adapter disabled."""
+        with self.policy.disable_adapter():
+            return self.policy_logprobs(batch)
+
+    @torch.no_grad()
+    def policy_logprobs(self, batch):
+        """(B, C) log-probs of the sampled tokens under the current policy, no grad (0 on padding). Timed as
+        time_reference, with the other no-grad passes before the update."""
         out = torch.zeros(batch.vllm_logprobs.shape, device=device())
         batches, _ = self.micro_batches(batch)
-        with self.timed("time_reference"), self.policy.disable_adapter():
+        with self.timed("time_reference"):
             for idx in batches:
                 lp = self.logprobs(batch.select(idx, device()))["logprobs"]
                 out[torch.tensor(idx, device=out.device), : lp.shape[1]] = lp
