@@ -1,8 +1,8 @@
-"""The loop benchmarks (engine_rebuild, batching_sparse, step_breakdown) run end to end at --tiny size: exit 0, the
+"""The loop benchmarks (engine_rebuild, batching_sparse, step_breakdown, ppo_value_init) run end to end at --tiny size: exit 0, the
 table printed, the JSON complete with positive numbers, and the rebuild strategy really rebuilding. Which side is
 faster is measured in benchmarks/, never asserted here.
 
-The three scripts are started together (they only need to finish, not to be timed), so the slowest one, not their
+The four scripts are started together (they only need to finish, not to be timed), so the slowest one, not their
 sum, sets how long this file takes: mostly vLLM engine starts (about 25 s each on an idle CPU)."""
 
 import json
@@ -15,7 +15,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One thread: at these sizes a second OpenMP thread only spin-waits, which on busy shared cores costs seconds a step.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-BENCHMARKS = ("engine_rebuild", "batching_sparse", "step_breakdown")
+BENCHMARKS = ("engine_rebuild", "batching_sparse", "step_breakdown", "ppo_value_init")
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +98,18 @@ def test_step_breakdown_tiny(runs):
     assert grpo["seconds"]["reference"] > 0  # the GRPO demo has kl_coef > 0: a reference pass
     assert abs(sum(grpo["share"].values()) - 1) < 1e-6
     assert report["failed"] == []
+
+
+@pytest.mark.e2e
+def test_ppo_value_init_tiny(runs):
+    output, report = finished(runs, "ppo_value_init")
+    assert "EV steps 1-10" in output
+    assert set(report["results"]) == {"with value init", "without (value_init_steps 0)"}
+    for result in report["results"].values():
+        assert len(result["reward_per_step"]) == 3 and len(result["explained_variance_per_step"]) == 3
+        assert 0 <= result["reward_first_10_steps"] <= 1
+    work = runs["ppo_value_init"][1] / "work"
+    with open(work / "seed42-initdemo" / "value_init.jsonl") as f:  # the critic was fitted before PPO started
+        assert len(f.readlines()) == 2
+    assert not (work / "seed42-init0" / "value_init.jsonl").exists() or \
+        (work / "seed42-init0" / "value_init.jsonl").read_text() == ""
