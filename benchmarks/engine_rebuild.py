@@ -26,7 +26,7 @@ compilation, KV-cache allocation), so small models understate nothing but the we
 
 Commands (results: benchmarks/results/engine_rebuild_cpu.json, docs/img/engine_rebuild.png):
   python benchmarks/engine_rebuild.py --json benchmarks/results/engine_rebuild_cpu.json \\
-      --plot docs/img/engine_rebuild.png      # 6 steps x 2 strategies x 2 repeats: about 20 minutes on 2 busy cores
+      --plot docs/img/engine_rebuild.png      # 6 steps x 2 strategies x 2 repeats: about 7 minutes on 2 idle cores
   python benchmarks/engine_rebuild.py --tiny  # demo model, 2 small steps, 1 repeat: what tests/test_bench_loop.py runs
   python benchmarks/engine_rebuild.py --strategy rebuild --demo --output_dir runs/rebuild   # one side only
 """
@@ -63,7 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the runs; 0 = library default")
     p.add_argument("--tiny", action="store_true", help="the demo model, 4 prompts x 4, 2 steps, 1 repeat: the test")
-    p.add_argument("--workdir", help="keep the model and run folders here (default: a temporary folder)")
+    p.add_argument("--workdir", help="keep the model and run folders here (default: a temporary folder); complete "
+                   "runs already there are reused, so an interrupted benchmark continues where it stopped")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="write a PNG bar chart here")
     p.add_argument("--strategy", choices=STRATEGIES, help="FIRST argument only: run ONE GRPO run with this sync; "
@@ -147,10 +148,12 @@ def build_model(workdir, args):
     from nanorlhf.tasks import addition_rows
     from nanorlhf.tiny import build_tiny_policy
 
+    folder = os.path.join(workdir, "model")
+    if os.path.exists(os.path.join(folder, "config.json")):  # kept from an interrupted benchmark
+        return folder
     rows = addition_rows(2000, seed=args.seed)
     texts = [f"{r['prompt']} {r['answer']}" for r in rows] + ["user assistant system"]
-    return build_tiny_policy(os.path.join(workdir, "model"), texts, hidden_size=args.hidden, num_layers=args.layers,
-                             seed=args.seed)
+    return build_tiny_policy(folder, texts, hidden_size=args.hidden, num_layers=args.layers, seed=args.seed)
 
 
 def run_strategy(strategy, model, out_dir, args, grpo_flags):
@@ -165,16 +168,24 @@ def run_strategy(strategy, model, out_dir, args, grpo_flags):
     start = time.perf_counter()
     result = subprocess.run([sys.executable, os.path.abspath(__file__), "--strategy", strategy, *flags], cwd=ROOT,
                             capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - start
     if result.returncode != 0:
         sys.exit(f"{strategy} run failed (exit {result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    with open(os.path.join(out_dir, "engine_rebuild_worker.json")) as f:
+        worker_info = json.load(f)
+    with open(os.path.join(out_dir, "engine_rebuild_worker.json"), "w") as f:
+        json.dump({**worker_info, "wall_seconds": time.perf_counter() - start}, f)
+    return read_run(out_dir)
+
+
+def read_run(out_dir):
+    """A finished run: its per-step numbers (metrics.jsonl) and the worker's peak RSS and wall time."""
     from nanorlhf.tracking import read_metrics
 
     rows = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
     with open(os.path.join(out_dir, "engine_rebuild_worker.json")) as f:
         worker_info = json.load(f)
     keys = ("step", "time_step", "time_sync", "time_generate", "time_train", "engine_builds", "logprob_diff")
-    return {"steps": [{k: r.get(k) for k in keys} for r in rows], "wall_seconds": wall, **worker_info}
+    return {"steps": [{k: r.get(k) for k in keys} for r in rows], **worker_info}
 
 
 def summarize(runs, warmup):
@@ -254,7 +265,12 @@ def main(args, grpo_flags):
     runs = {name: [] for name in STRATEGIES}
     for repeat in range(args.repeats):
         for name in STRATEGIES if repeat % 2 == 0 else STRATEGIES[::-1]:
-            run = run_strategy(name, model, os.path.join(workdir, f"{name}-{repeat}"), args, grpo_flags)
+            out_dir = os.path.join(workdir, f"{name}-{repeat}")
+            if args.workdir and os.path.exists(os.path.join(out_dir, "engine_rebuild_worker.json")):
+                run = read_run(out_dir)  # a complete run of an interrupted benchmark
+                print(f"  run {repeat + 1} {name}: complete run found in {out_dir}, reused")
+            else:
+                run = run_strategy(name, model, out_dir, args, grpo_flags)
             runs[name].append(run)
             print(f"  run {repeat + 1} {name}: steps {[round(s['time_step'], 2) for s in run['steps']]} s, sync "
                   f"{[round(s['time_sync'], 3) for s in run['steps']]} s, engine_builds "

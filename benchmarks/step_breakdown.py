@@ -20,7 +20,7 @@ Shares are of time_step + eval. Other `--field value` pairs are passed to every 
 
 Commands (results: benchmarks/results/step_breakdown_cpu.json, docs/img/step_breakdown.png):
   python benchmarks/step_breakdown.py --json benchmarks/results/step_breakdown_cpu.json \\
-      --plot docs/img/step_breakdown.png        # every demo, 5 steps each: about 15 minutes on 2 busy cores
+      --plot docs/img/step_breakdown.png        # every demo, 5 steps each: about 5 minutes on 2 idle cores
   python benchmarks/step_breakdown.py --runs runs/grpo-20250101-120000 runs/ppo-20250101-130000   # read runs
   python benchmarks/step_breakdown.py --tiny    # GRPO only, 2 steps of 8 prompts: what tests/test_bench_loop.py runs
 """
@@ -37,6 +37,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run as a plain script
+
+from nanorlhf.tracking import read_metrics  # noqa: E402
 
 SCRIPTS = {  # algorithm: script, in the order of the table
     "grpo": "GRPO/grpo.py",
@@ -62,7 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--runs", nargs="+", metavar="DIR", help="read these run folders instead of running the demos")
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the runs; 0 = library default")
     p.add_argument("--tiny", action="store_true", help="GRPO only, 2 steps of 8 prompts: the test")
-    p.add_argument("--workdir", help="keep the run folders here (default: a temporary folder)")
+    p.add_argument("--workdir", help="keep the run folders here (default: a temporary folder); a complete run "
+                   "already there is reused, so an interrupted benchmark continues where it stopped")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="write a PNG stacked bar chart here")
     args, extra = p.parse_known_args(argv)
@@ -91,7 +94,7 @@ def episodes_per_step(path, extra):
 
 def run_demo(name, path, out_dir, args, extra):
     flags = ["--demo", "--total_episodes", str(args.steps * episodes_per_step(path, extra)), "--wandb", "false",
-             "--save_every", "1000000", "--output_dir", out_dir, *extra]
+             "--save_every", "1000000", "--output_dir", out_dir, "--overwrite", "true", *extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -107,8 +110,6 @@ def run_demo(name, path, out_dir, args, extra):
 
 def breakdown(metrics_path, warmup):
     """Mean seconds per phase over the steps after `warmup` (missing keys count 0)."""
-    from nanorlhf.tracking import read_metrics
-
     rows = read_metrics(metrics_path)[warmup:]
     if not rows:
         return None
@@ -184,7 +185,9 @@ def main(args, extra):
                 print(f"  {name}: {SCRIPTS[name]} does not exist, skipped", flush=True)
                 continue
             out_dir = os.path.join(workdir, name)
-            if run_demo(name, path, out_dir, args, extra) is None:
+            if args.workdir and len(read_metrics(os.path.join(out_dir, "metrics.jsonl"))) == args.steps:
+                print(f"  {name}: complete run found in {out_dir}, reused", flush=True)  # an interrupted benchmark
+            elif run_demo(name, path, out_dir, args, extra) is None:
                 failed.append(name)
                 continue
             folders[name] = out_dir
@@ -200,7 +203,8 @@ def main(args, extra):
         print_table(results)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        settings = {k: v for k, v in vars(args).items() if k not in ("json", "plot", "workdir")}
+        settings = {k: v for k, v in vars(args).items() if k not in ("json", "plot", "workdir", "runs")}
+        settings["runs"] = list(folders) if args.runs else None  # folder names, not this machine's paths
         with open(args.json, "w") as f:
             json.dump({"device": device, "cpu_count": os.cpu_count(), "load_average_at_end": os.getloadavg(),
                        "settings": settings, "extra_flags": extra, "results": results, "skipped": skipped,
