@@ -7,6 +7,8 @@ reward function (nanorlhf.tasks.addition_reward), group size, prompts per step, 
 (reference = the base with the adapter disabled on both sides), loss aggregation (per-sequence mean = trl's
 loss_type "grpo"), dtype (float32), no gradient checkpointing, and the whole step's batch in one forward
 (nanoRLHF: one micro-batch; trl: per_device_train_batch_size = episodes per step, no gradient accumulation).
+With `--micro_batch_tokens N` nanoRLHF packs its own length-sorted token-budget micro-batches instead (the same
+gradient, less padding), while trl keeps its padded batch: what each library does by design.
 
 - nanoRLHF: `GRPO/grpo.py` in a subprocess; per-step `time_step`, `time_generate` and generated tokens come
   from its metrics.jsonl, so the start-up (imports, vLLM engine build) is not counted.
@@ -22,6 +24,8 @@ optimizer step, and for nanoRLHF the weight push into the engine). With `--repea
 
 Commands (results in benchmarks/results/vs_trl_cpu.json, docs/img/vs_trl.png):
   python benchmarks/vs_trl.py --json benchmarks/results/vs_trl_cpu.json --plot docs/img/vs_trl.png
+  python benchmarks/vs_trl.py --max_new_tokens 512 --micro_batch_tokens 4096 --json \
+      benchmarks/results/vs_trl_cpu_512_budget.json     # longer completions, nanoRLHF's token-budget batches
   python benchmarks/vs_trl.py --tiny        # about a minute: what tests/test_bench_vs_trl.py runs
 """
 
@@ -48,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=3, help="timed steps per side (after the warm-up)")
     p.add_argument("--warmup", type=int, default=1, help="steps per side run first and not counted")
     p.add_argument("--repeats", type=int, default=1, help="runs per side, alternating which side goes first")
+    p.add_argument("--micro_batch_tokens", type=int, default=0, help="nanoRLHF's token budget per micro-batch; "
+                   "0 = the whole step in one micro-batch, like trl here (same shapes on both sides)")
     p.add_argument("--lora_r", type=int, default=16, help="LoRA rank")
     p.add_argument("--lora_alpha", type=int, default=32, help="LoRA alpha")
     p.add_argument("--learning_rate", type=float, default=1e-5, help="peak learning rate")
@@ -91,8 +97,9 @@ def episodes_per_step(args):
 
 
 def micro_batch_tokens(args):
-    """A token budget that holds the whole step's batch (prompts are about 20 tokens), as trl does below."""
-    return episodes_per_step(args) * (64 + args.max_new_tokens)
+    """By default a token budget that holds the whole step's batch (prompts are about 20 tokens), as trl does
+    below; --micro_batch_tokens N gives nanoRLHF its own length-sorted token-budget micro-batches instead."""
+    return args.micro_batch_tokens or episodes_per_step(args) * (64 + args.max_new_tokens)
 
 
 def child_env(args):
@@ -332,8 +339,8 @@ def main(args):
           f"episodes, up to {args.max_new_tokens} new tokens; {args.warmup} warm-up + {args.steps} timed steps, "
           f"{args.repeats} run(s) per side; float32, LoRA r={args.lora_r} alpha={args.lora_alpha}, "
           f"lr {args.learning_rate}, KL {args.kl_coef}")
-    print(f"nanoRLHF: vLLM {versions['vllm']} engine (persistent, in-place weight "
-          f"push); trl {versions['trl']}: use_vllm=False, Hugging Face generate (transformers "
+    print(f"nanoRLHF: vLLM {versions['vllm']} engine (persistent, in-place weight push), micro-batches of "
+          f"{micro_batch_tokens(args)} tokens; trl {versions['trl']}: use_vllm=False, Hugging Face generate (transformers "
           f"{versions['transformers']})"
           + (" -- trl's colocated vLLM cannot load weights on the CPU backend" if device == "cpu" else ""))
     model, dataset = build_inputs(workdir, args)
