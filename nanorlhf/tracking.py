@@ -63,6 +63,19 @@ class Tracker:
 
                 self.wandb.log({"curves": wandb.Image(png)})
             self.wandb.finish()
+        summary = reward_summary(read_metrics(self.path))
+        if summary:
+            print(summary)
+
+
+def reward_summary(rows):
+    """One line: mean reward over the first and the last quarter of the steps (None under 4 steps)."""
+    if len(rows) < 4:
+        return None
+    quarter = len(rows) // 4
+    first, last = (sum(r["reward_mean"] for r in part) / quarter for part in (rows[:quarter], rows[-quarter:]))
+    return (f"reward_mean: {first:.3f} over the first quarter of the {len(rows)} steps -> {last:.3f} over the "
+            f"last quarter")
 
 
 def read_metrics(path):
