@@ -40,6 +40,7 @@ def reference_run(tmp_path_factory):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "logging offline" in result.stderr
     assert os.path.isdir(os.path.join(output_dir, "wandb"))
+    assert "reward_mean: " in result.stdout and "over the first quarter of the 8 steps -> " in result.stdout
     return output_dir
 
 
