@@ -45,6 +45,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from nanorlhf.logprobs import completion_logprobs, padding_fraction, token_budget_batches  # noqa: E402
+from nanorlhf.tracking import new_figure, save_figure  # noqa: E402
 
 PAD_ID = 0
 
@@ -243,12 +244,7 @@ def main(args):
 
 
 def plot(rows, ratios, args, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_a, ax_b) = plt.subplots(1, 2, figsize=(10, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax_a, ax_b) = new_figure(1, 2, figsize=(10, 4.2), gridspec_kw={"width_ratios": [3, 2]})
     names = ["fixed", "budget=peak", "budget=mean"]
     bars = ax_a.bar([f"fixed k={args.fixed_k}" if n == "fixed" else n for n in names],
                     [rows[n]["cpu_seconds"] for n in names], color=["tab:gray", "tab:blue", "tab:cyan"])
@@ -267,10 +263,7 @@ def plot(rows, ratios, args, path):
     ax_b.margins(y=0.2)
     fig.suptitle(f"log-prob forward+backward, random Qwen2 hidden {args.hidden} x {args.layers} layers, LoRA, CPU, "
                  f"{args.threads} thread(s), median of {args.repeats}", fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

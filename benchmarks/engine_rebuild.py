@@ -47,6 +47,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run as a plain script
 
+from nanorlhf.tracking import new_figure, save_figure  # noqa: E402
+
 STRATEGIES = ("persistent", "rebuild")
 
 
@@ -227,15 +229,10 @@ def print_table(results, ratios):
 
 
 def plot(results, ratios, path, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(results)
     sync = [results[n]["sync_seconds"] for n in names]
     rest = [results[n]["step_seconds"] - results[n]["sync_seconds"] for n in names]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_figure(figsize=(6, 4))
     ax.bar(names, rest, color="tab:blue", label="rest of the step (generate, score, log-probs, train)")
     bars = ax.bar(names, sync, bottom=rest, color="tab:red", label="sync (weights into the engine)")
     ax.bar_label(bars, [f"sync {results[n]['sync_share']:.1%} of step" for n in names])
@@ -243,10 +240,7 @@ def plot(results, ratios, path, title):
     ax.margins(y=0.15)
     ax.legend(fontsize=8, loc="upper left")
     ax.set_title(f"{title}\nrebuild/persistent step time = {ratios['step_seconds']:.2f}x", fontsize=9)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(args, grpo_flags):

@@ -45,6 +45,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 from transformers.modeling_outputs import BaseModelOutputWithPast  # noqa: E402
 
 from nanorlhf.logprobs import completion_logprobs  # noqa: E402
+from nanorlhf.tracking import new_figure, save_figure  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -156,14 +157,9 @@ def measure(variant, model, hidden, input_ids, mode, args):
 
 
 def plot(rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = [f"{r['tokens']} tokens\n{r['mode']}" for r in rows]
     x = range(len(rows))
-    fig, ax = plt.subplots(figsize=(1.8 * len(rows) + 2, 4))
+    fig, ax = new_figure(figsize=(1.8 * len(rows) + 2, 4))
     ax.bar([i - 0.2 for i in x], [r["plain_mib"] for r in rows], 0.4, label="plain: full logits")
     ax.bar([i + 0.2 for i in x], [r["chunked_mib"] for r in rows], 0.4, label="chunked: completion_logprobs")
     for i, r in enumerate(rows):
@@ -172,9 +168,7 @@ def plot(rows, path):
     ax.set_ylabel("peak memory of the log-prob part (MiB)")
     ax.set_title(f"per-token log-probs, vocab {rows[0]['vocab']}, hidden {rows[0]['hidden']}, batch 1")
     ax.legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def sequence(model, tokens, args):

@@ -24,7 +24,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run as a plain script
 
-from nanorlhf.tracking import read_metrics  # noqa: E402
+from nanorlhf.tracking import new_figure, read_metrics, save_figure  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -70,12 +70,7 @@ def summarize(runs):
 
 
 def plot(results, path, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    fig, axes = new_figure(1, 2, figsize=(12, 4))
     for name, result in results.items():
         reward = result["reward_per_step"]
         smooth = [statistics.mean(reward[max(0, i - 4) : i + 1]) for i in range(len(reward))]
@@ -88,10 +83,7 @@ def plot(results, path, title):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(args, extra):

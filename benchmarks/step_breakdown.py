@@ -38,7 +38,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run as a plain script
 
-from nanorlhf.tracking import read_metrics  # noqa: E402
+from nanorlhf.tracking import new_figure, read_metrics, save_figure  # noqa: E402
 
 SCRIPTS = {  # algorithm: script, in the order of the table
     "grpo": "GRPO/grpo.py",
@@ -138,14 +138,11 @@ def print_table(results):
 
 
 def plot(results, path, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     names = list(results)
     segments = [*PHASES, "other", "eval"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 0.6 * len(names) + 2.5))
+    fig, axes = new_figure(1, 2, figsize=(12, 0.6 * len(names) + 2.5))
     for ax, key, label in ((axes[0], "seconds", "seconds per step (mean)"), (axes[1], "share", "share of step")):
         left = [0.0] * len(names)
         for segment in segments:
@@ -159,10 +156,7 @@ def plot(results, path, title):
     axes[1].xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     axes[1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(args, extra):

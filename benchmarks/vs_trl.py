@@ -41,6 +41,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run as a plain script
 
+from nanorlhf.tracking import new_figure, save_figure  # noqa: E402
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -295,14 +297,9 @@ def print_table(results, ratios):
 
 
 def plot(results, ratios, path, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     sides = list(results)
     colors = ["tab:blue", "tab:orange"]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    fig, axes = new_figure(1, 2, figsize=(9, 3.8))
     panels = [("seconds_per_episode", "seconds per episode (lower is better)"),
               ("generated_tokens_per_second", "generated tokens / s, end to end (higher is better)")]
     for ax, (key, label) in zip(axes, panels):
@@ -312,9 +309,7 @@ def plot(results, ratios, path, title):
         ax.set_title(label, fontsize=10)
         ax.margins(y=0.15)
     fig.suptitle(f"{title}\nnanoRLHF/trl seconds per episode = {ratios['seconds_per_episode']:.2f}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def package_version(name):

@@ -96,19 +96,32 @@ def plot_metrics(path, png, keys=PLOTTED):
     keys = [k for k in keys if any(r.get(k) is not None for r in rows)]
     if not keys:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
+    fig, axes = new_figure(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
     for ax, key in zip(axes[0], keys):
         points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
         ax.plot(*zip(*points), marker=".")
         ax.set_xlabel("step")
         ax.set_title(key)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    save_figure(fig, png, dpi=100)
     return png
+
+
+def new_figure(*args, **kwargs):
+    """plt.subplots(*args, **kwargs) on matplotlib's file-only backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig, path, dpi=120):
+    """Lay out, write the PNG (creating its folder) and free the figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
