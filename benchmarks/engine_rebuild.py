@@ -34,7 +34,6 @@ Commands (results: benchmarks/results/engine_rebuild_cpu.json, docs/img/engine_r
 import argparse
 import copy
 import gc
-import importlib.util
 import json
 import os
 import resource
@@ -47,6 +46,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run as a plain script
 
+from nanorlhf.config import load_module  # noqa: E402
 from nanorlhf.tracking import new_figure, save_figure  # noqa: E402
 
 STRATEGIES = ("persistent", "rebuild")
@@ -113,21 +113,12 @@ def rebuild_sync(self):
                                     self.cfg.seed)
 
 
-def load_script(relpath):
-    """Import an algorithm script as a module (its main() does not run: it is behind __main__)."""
-    name = os.path.splitext(os.path.basename(relpath))[0]
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relpath))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def worker(strategy, grpo_argv):
     """One GRPO run with the given sync; its peak RSS goes to <output_dir>/engine_rebuild_worker.json."""
     from nanorlhf.config import parse_config
     from nanorlhf.errors import exit_on_user_error
 
-    grpo = load_script(os.path.join("GRPO", "grpo.py"))
+    grpo = load_module(os.path.join(ROOT, "GRPO", "grpo.py"))
     if strategy == "rebuild":
         import nanorlhf.run
 

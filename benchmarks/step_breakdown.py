@@ -26,7 +26,6 @@ Commands (results: benchmarks/results/step_breakdown_cpu.json, docs/img/step_bre
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -83,11 +82,9 @@ def parse_args(argv=None):
 
 def episodes_per_step(path, extra):
     """prompts_per_step x group_size of the script's --demo Config (with the extra flags applied)."""
-    from nanorlhf.config import parse_config
+    from nanorlhf.config import load_module, parse_config
 
-    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # its main() is behind __main__: nothing runs
+    module = load_module(path)
     cfg = parse_config(module.Config, ["--demo", *extra], demo=module.DEMO)
     return cfg.prompts_per_step * cfg.group_size
 

@@ -6,7 +6,9 @@ field or a value of the wrong type.
 """
 
 import dataclasses
+import importlib.util
 import inspect
+import os
 import re
 import sys
 import typing
@@ -92,3 +94,11 @@ def parse_config(cls, argv=None, demo=None):
     config.explicit = explicit
     return config
 
+
+def load_module(path):
+    """Import a Python file as a module: an algorithm script (its main() is behind `__main__`, so nothing
+    runs; tests and benchmarks read its Config, DEMO and functions) or a user's reward file."""
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

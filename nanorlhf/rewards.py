@@ -6,12 +6,12 @@ are loaded from `file.py:function` or `module:function`. Several rewards are sum
 """
 
 import importlib
-import importlib.util
 import math
 import os
 
 import torch
 
+from nanorlhf.config import load_module
 from nanorlhf.errors import UserError
 
 
@@ -23,9 +23,7 @@ def load_reward_fn(spec):
     if source.endswith(".py"):
         if not os.path.isfile(source):
             raise UserError(f"--reward_fn: file {source!r} does not exist (path is relative to {os.getcwd()})")
-        module_spec = importlib.util.spec_from_file_location(os.path.basename(source)[:-3], source)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
+        module = load_module(source)
     else:
         try:
             module = importlib.import_module(source)

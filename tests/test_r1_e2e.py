@@ -1,20 +1,19 @@
 """examples/r1-v0/grpo_r1.py end to end on the real engine: verifier reward, sparse dropping, token-budget
 micro-batches and greedy evaluation, on the tiny model answering addition in \\boxed{}."""
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
+
+from conftest import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "r1-v0", "grpo_r1.py")
 
 
 def test_math_reward_is_importable_from_the_script():
-    spec = importlib.util.spec_from_file_location("grpo_r1", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # does not start a run
+    module = load_script(os.path.join("examples", "r1-v0", "grpo_r1.py"))  # does not start a run
     assert module.math_reward([""], ["so \\boxed{\\frac{1}{2}}"], ["0.5"]) == [1.0]
     assert module.Config().max_new_tokens == 8000 and module.Config().kl_coef == 0.0
 
