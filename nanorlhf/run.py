@@ -213,9 +213,12 @@ class Run:
     def score(self, prompts, completions):
         """(rewards (N,), {reward name: (N,)}) for the completions of `prompts` (prompt-major)."""
         with self.timed("time_score"):
-            rows = [prompts[c.prompt_index] for c in completions]
-            fields = {k: [r["fields"][k] for r in rows] for k in rows[0]["fields"]} if rows else {}
-            return self.rewards([r["text"] for r in rows], [c.text for c in completions], fields)
+            return self._rewards(prompts, completions)
+
+    def _rewards(self, prompts, completions):
+        rows = [prompts[c.prompt_index] for c in completions]
+        fields = {k: [r["fields"][k] for r in rows] for k in rows[0]["fields"]} if rows else {}
+        return self.rewards([r["text"] for r in rows], [c.text for c in completions], fields)
 
     def batch(self, prompts, completions, keep=None, **per_sample):
         """A Batch of the kept completions with their prompts and any (N,) or (N, ...) per-sample tensors."""
@@ -320,8 +323,7 @@ class Run:
             completions = self.engine.generate([p["token_ids"] for p in self.eval_prompts], 1, 0,
                                                self.cfg.max_new_tokens, greedy=True)
             self.engine.sleep()
-            fields = {k: [p["fields"][k] for p in self.eval_prompts] for k in self.eval_prompts[0]["fields"]}
-            rewards, _ = self.rewards([p["text"] for p in self.eval_prompts], [c.text for c in completions], fields)
+            rewards, _ = self._rewards(self.eval_prompts, completions)  # timed as eval, not as the step's score
         return {"eval_reward_mean": rewards.mean().item(),
                 "eval_response_length_mean": float(np.mean([len(c.token_ids) for c in completions]))}
 
