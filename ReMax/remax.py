@@ -139,8 +139,8 @@ def main(cfg):
         # 1. take the next prompts
         prompts = run.prompts.next(cfg.prompts_per_step)
         # 2. generate G completions per prompt, with this step's seed, and one greedy completion per prompt
-        completions = run.generate(prompts, n=cfg.group_size, seed=cfg.seed + step)
-        greedy_completions = run.generate(prompts, n=1, seed=cfg.seed + step, greedy=True)
+        completions, greedy_completions = run.generate(prompts, n=cfg.group_size, seed=cfg.seed + step,
+                                                       with_greedy=True)
         # 3. score them
         rewards, reward_parts = run.score(prompts, completions)  # (N,)
         greedy_rewards, _ = run.score(prompts, greedy_completions)  # (prompts,)

@@ -57,8 +57,11 @@ class RolloutEngine:
         self.asleep = False
         RolloutEngine.builds += 1
 
-    def generate(self, prompt_token_ids, n, seed, max_new_tokens, temperature=1.0, top_p=1.0, greedy=False):
+    def generate(self, prompt_token_ids, n, seed, max_new_tokens, temperature=1.0, top_p=1.0, greedy=False,
+                 with_greedy=False):
         """Sample n completions per prompt; returns a prompt-major list (prompt 0's n, then prompt 1's, ...).
+        `greedy`: decode greedily instead. `with_greedy`: also one greedy completion per prompt, in the same
+        batch (one wake-up, the prompts' KV shared), listed after all the sampled ones.
 
         Every completion is its own request with its own seed drawn from `seed`, so a step's samples are
         all different, a new `seed` (base seed + step) gives new samples, and a rerun gives the same ones.
@@ -67,27 +70,20 @@ class RolloutEngine:
 
         self.wake_up()
         seeds = np.random.default_rng(seed).integers(0, 2**31 - 1, size=len(prompt_token_ids) * n)
-        requests, params = [], []
-        for i, ids in enumerate(prompt_token_ids):
-            for j in range(n):
-                requests.append({"prompt_token_ids": list(ids)})
-                params.append(
-                    SamplingParams(
-                        n=1,
-                        max_tokens=max_new_tokens,
-                        temperature=0.0 if greedy else temperature,
-                        top_p=1.0 if greedy else top_p,
-                        seed=int(seeds[i * n + j]),
-                        logprobs=0,  # the sampled token's own log-prob only
-                    )
-                )
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        sampled = [(i, 0.0 if greedy else temperature, 1.0 if greedy else top_p, int(seeds[i * n + j]))
+                   for i in range(len(prompt_token_ids)) for j in range(n)]
+        greedy_extra = [(i, 0.0, 1.0, 0) for i in range(len(prompt_token_ids))] if with_greedy else []
+        requests = [(i, SamplingParams(n=1, max_tokens=max_new_tokens, temperature=t, top_p=p, seed=s,
+                                       logprobs=0))  # logprobs=0: the sampled token's own log-prob only
+                    for i, t, p, s in sampled + greedy_extra]
+        outputs = self.llm.generate([{"prompt_token_ids": list(prompt_token_ids[i])} for i, _ in requests],
+                                    [params for _, params in requests], use_tqdm=False)
         completions = []
-        for k, out in enumerate(outputs):
+        for (prompt_index, _), out in zip(requests, outputs):
             sample = out.outputs[0]
             completions.append(
                 Completion(
-                    prompt_index=k // n,
+                    prompt_index=prompt_index,
                     token_ids=list(sample.token_ids),
                     text=sample.text,
                     logprobs=[lp[t].logprob for lp, t in zip(sample.logprobs, sample.token_ids)],

@@ -198,16 +198,19 @@ class Run:
         yield
         self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
 
-    def generate(self, prompts, n, seed, greedy=False):
-        """n completions per prompt from the engine (prompt-major); the trainer's optimizer state leaves the
-        GPU while the engine holds it, and the engine sleeps again afterwards."""
+    def generate(self, prompts, n, seed, with_greedy=False):
+        """n completions per prompt from the engine (prompt-major); with_greedy: also one greedy completion per
+        prompt from the same batch, returned as a second list. The trainer's optimizer state leaves the GPU
+        while the engine holds it, and the engine sleeps again afterwards."""
         cfg = self.cfg
         with self.timed("time_generate"):
             move_optimizer_state(self.optimizer, "cpu")
             completions = self.engine.generate([p["token_ids"] for p in prompts], n, seed, cfg.max_new_tokens,
-                                               cfg.temperature, cfg.top_p, greedy=greedy)
+                                               cfg.temperature, cfg.top_p, with_greedy=with_greedy)
             self.engine.sleep()
         self.times["generated_tokens"] = sum(len(c.token_ids) for c in completions)
+        if with_greedy:
+            return completions[: len(prompts) * n], completions[len(prompts) * n :]
         return completions
 
     def score(self, prompts, completions):
