@@ -27,12 +27,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `cd RAFT && python raft.py`
 from nanorlhf import tasks  # noqa: E402
-from nanorlhf.config import parse_config  # noqa: E402
+from nanorlhf.config import RunConfig, parse_config  # noqa: E402
 from nanorlhf.errors import UserError, exit_on_user_error  # noqa: E402
 
 
 @dataclass
-class Config:
+class Config(RunConfig):
     # model, reward and data
     model: str = "Qwen/Qwen2.5-1.5B-Instruct"  # policy base model: hub name or local folder
     reward_model: str = "OpenAssistant/reward-model-deberta-v3-large-v2"  # sequence-classification scorer, or none

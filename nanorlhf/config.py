@@ -45,11 +45,23 @@ def _comments(cls):
     return comments
 
 
+@dataclasses.dataclass
+class RunConfig:
+    """Fields every script shares and few people touch; each script's `Config` extends this class, so adding one
+    does not mean editing six files. `--help` lists them after the script's own fields."""
+
+    weight_sync: str = "merged"  # how updated weights reach the engine: merged (W + scale B A, pushed in place)
+    vllm_is_correction: str = "token_truncate"  # trainer/sampler mismatch weight: token_truncate, sequence_truncate, sequence_mask or none
+    vllm_is_cap: float = 2.0  # C in min(pi_trainer / pi_vllm, C) (sequence_mask: ratios above C get weight 0)
+
+
 def format_help(cls, script):
     lines = [f"usage: python {script} [--demo] [--<field> <value> ...]", ""]
     lines.append("  --demo  swap in the demo defaults: bundled tiny model, synthetic task, CPU, no download")
     comments = _comments(cls)
-    for f in dataclasses.fields(cls):
+    shared = {f.name for f in dataclasses.fields(RunConfig)}
+    fields = dataclasses.fields(cls)
+    for f in [f for f in fields if f.name not in shared] + [f for f in fields if f.name in shared]:
         comment = comments.get(f.name, "")
         lines.append(f"  --{f.name} {_field_type(cls, f).__name__} (default: {f.default!r})  {comment}".rstrip())
     return "\n".join(lines)
