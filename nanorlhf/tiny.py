@@ -4,8 +4,10 @@ They load through exactly the same code as the real defaults (vLLM, transformers
 `--demo` exercise the real pipeline. Shapes follow what vLLM's CPU backend accepts (head size >= 32).
 """
 
+import itertools
 import json
 import os
+import string
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -29,14 +31,49 @@ def _train_tokenizer(texts, vocab_size, special_tokens):
     return tokenizer
 
 
+def _generated_tokenizer(vocab_size, special_tokens):
+    """A byte-level BPE tokenizer with `vocab_size` entries and no merges: the 256 byte symbols plus generated
+    two- and three-letter pieces. Text encodes byte by byte, and every id decodes: what a random model with a
+    realistic vocabulary (32k, or Qwen's 151k) needs, without training a tokenizer on a large corpus."""
+    vocab = {token: i for i, token in enumerate(special_tokens)}
+    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab.setdefault(symbol, len(vocab))
+    pieces = ("".join(p) for n in itertools.count(2) for p in itertools.product(string.ascii_lowercase, repeat=n))
+    for piece in pieces:
+        for token in (piece, "\u0120" + piece):  # with and without the byte-level space
+            if len(vocab) == vocab_size:
+                break
+            vocab[token] = len(vocab)
+        if len(vocab) == vocab_size:
+            break
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(special_tokens)
+    return tokenizer
+
+
 def build_tiny_policy(out_dir, texts, hidden_size=128, num_layers=2, vocab_size=512, max_positions=1024, seed=0):
     """Save a random tiny Qwen2 causal LM and a ChatML byte-level BPE tokenizer (trained on `texts`) to out_dir."""
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    return _save_policy(out_dir, _train_tokenizer(texts, vocab_size, specials), hidden_size, num_layers,
+                        max_positions, seed)
+
+
+def build_policy_at_shape(out_dir, hidden_size=256, num_layers=4, vocab_size=32768, max_positions=2048, seed=0):
+    """Save a random Qwen2 causal LM at a realistic shape (head size 64, a large vocabulary) and a generated
+    ChatML tokenizer to out_dir: for checks of the user's configuration (bf16, long completions) on a CPU."""
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    return _save_policy(out_dir, _generated_tokenizer(vocab_size, specials), hidden_size, num_layers, max_positions,
+                        seed)
+
+
+def _save_policy(out_dir, backend, hidden_size, num_layers, max_positions, seed):
     import torch
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=_train_tokenizer(texts, vocab_size, specials),
+        tokenizer_object=backend,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         chat_template=CHAT_TEMPLATE,
