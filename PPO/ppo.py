@@ -8,7 +8,7 @@ every token, GAE turns rewards and values into per-token advantages, the policy 
 on them and the critic clipped regression steps on the returns. The policy is the base model plus a LoRA
 adapter; the critic is a second LoRA adapter on the same frozen base plus a linear value head
 (nanorlhf/critic.py); the reference policy is the base with the adapters off. After the update the
-merged policy LoRA weights are pushed into the engine in place.
+updated policy weights are pushed into the engine in place (`--weight_sync`).
 
 Value-model initialisation: before the first PPO update the critic alone is fitted to the returns of the
 initial policy's rollouts for `value_init_steps` steps (logged to value_init.jsonl). A fresh value head
@@ -138,14 +138,15 @@ def whiten(values, mask, eps=1e-8):
     return (values - values[mask].mean()) / (values[mask].std() + eps) * mask
 
 
-def compute_loss(logprobs, old_logprobs, advantages, mask, clip_eps, normalizer):
+def compute_loss(logprobs, old_logprobs, advantages, mask, clip_eps, normalizer, is_weights=1.0):
     """Clipped surrogate per token (all (b, T)), summed over tokens / normalizer (the whole batch's tokens):
 
         rho_t = exp(logp_t - logp_old_t)
-        L_t   = -min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps) A_t)
+        L_t   = -w_t min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps) A_t)
+        w_t   = the importance weight trainer/sampler of token t (nanorlhf.logprobs.importance_weights)
     """
     ratio = torch.exp(logprobs - old_logprobs)
-    per_token = -torch.min(ratio * advantages, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages)
+    per_token = -torch.min(ratio * advantages, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages) * is_weights
     mask = mask.float()
     loss = (per_token * mask).sum() / normalizer
     tokens = mask.sum().clamp(min=1)
@@ -250,7 +251,8 @@ def main(cfg):
         # 6. loss, backward, optimizer step: the policy on the advantages, the critic on the returns
         normalizer = mask.sum().item()  # token mean over the whole batch
         stats = run.update(batch, epochs=cfg.ppo_epochs, loss_fn=lambda logprobs, entropy, mb: compute_loss(
-            logprobs, mb.old_logprobs, mb.advantages, mb.completion_mask, cfg.clip_eps, normalizer))
+            logprobs, mb.old_logprobs, mb.advantages, mb.completion_mask, cfg.clip_eps, normalizer,
+            is_weights=mb.is_weights))
         with run.timed("time_train"):
             stats.update(critic.update(batch, micro_batches, epochs=cfg.ppo_epochs, loss_fn=lambda values, mb:
                                        compute_value_loss(values, mb.old_values, mb.returns, mb.completion_mask,

@@ -3,8 +3,8 @@
 Each step samples `group_size` (K) completions for each of `prompts_per_step` prompts from a persistent
 vLLM engine, scores them, keeps the best completion of each prompt, and fine-tunes the policy on the
 kept completions with the plain supervised loss (negative log-likelihood): no advantage, no ratio, no
-value model. The policy is the base model plus a LoRA adapter; after the optimizer step the merged LoRA
-weights are pushed into the engine in place.
+value model. The policy is the base model plus a LoRA adapter; after the optimizer step the updated weights are
+pushed into the engine in place (`--weight_sync`).
 
 Differences from the paper: the paper collects a large batch of best-of-K samples and then fine-tunes on
 it for several epochs before sampling again; here each step's kept samples get `ppo_epochs` optimizer
@@ -92,15 +92,19 @@ def select_best(rewards, group_size, threshold=None):
     return index
 
 
-def compute_loss(logprobs, ref_logprobs, mask, kl_coef, normalizer):
+def compute_loss(logprobs, ref_logprobs, mask, kl_coef, normalizer, is_weights=1.0):
     """Negative log-likelihood of the kept completions + optional k3 KL penalty, per token ((b, T) each):
 
-        L_t = -logp_t + beta (exp(ref_t - logp_t) - (ref_t - logp_t) - 1)
+        L_t = -w_t logp_t + beta (exp(ref_t - logp_t) - (ref_t - logp_t) - 1)
+        w_t = the importance weight trainer/sampler of token t (nanorlhf.logprobs.importance_weights)
+
+    log-probs at temperature 1: supervised fine-tuning of the model itself on its best samples (the sampling
+    temperature only shapes which samples there are).
 
     summed over all real tokens / normalizer (the number of kept tokens in the whole batch): the mean
     per-token NLL, as in supervised fine-tuning.
     """
-    per_token = -logprobs
+    per_token = -logprobs * is_weights
     kl = torch.zeros_like(logprobs)
     if ref_logprobs is not None:
         log_ratio = ref_logprobs - logprobs
@@ -133,11 +137,12 @@ def main(cfg):
         keep[select_best(rewards, cfg.group_size, cfg.reward_threshold)] = True
         batch = run.batch(prompts, completions, keep=keep)
         # 5. reference log-probs (adapter off); the policy's come inside the update
-        batch.ref_logprobs = run.reference_logprobs(batch) if cfg.kl_coef > 0 and len(batch) else None
-        # 6. loss, backward, optimizer step
+        batch.ref_logprobs = run.reference_logprobs(batch, temperature=1.0) if cfg.kl_coef > 0 and len(batch) else None
+        # 6. loss, backward, optimizer step (at temperature 1: supervised learning, not the sampler's distribution)
         normalizer = sum(map(len, batch.completion_ids))
-        stats = run.update(batch, epochs=cfg.ppo_epochs, loss_fn=lambda logprobs, entropy, mb: compute_loss(
-            logprobs, mb.ref_logprobs, mb.completion_mask, cfg.kl_coef, normalizer))
+        stats = run.update(batch, epochs=cfg.ppo_epochs, temperature=1.0, loss_fn=lambda logprobs, entropy, mb:
+                           compute_loss(logprobs, mb.ref_logprobs, mb.completion_mask, cfg.kl_coef, normalizer,
+                                        is_weights=mb.is_weights))
         # 7. push the updated weights into the engine, in place
         run.sync()
         # 8. log

@@ -4,7 +4,7 @@ Each step samples `group_size` completions for each of `prompts_per_step` prompt
 vLLM engine, scores them, and uses as the baseline of each completion the mean reward of the OTHER
 completions of the same prompt: an unbiased baseline with no value model. The policy is the base model
 plus a LoRA adapter; the reference policy for the KL term is the same base with the adapter disabled.
-After the optimizer step the merged LoRA weights are pushed into the engine in place.
+After the optimizer step the updated weights are pushed into the engine in place (`--weight_sync`).
 
 Differences from the paper: the paper subtracts a sequence-level KL penalty from the reward; here the
 KL to the reference is the k3 estimator added to the loss, as in GRPO/grpo.py, so that the advantage is
@@ -98,18 +98,20 @@ def whiten(values, eps=1e-8):
     return (values - values.mean()) / (values.std() + eps)
 
 
-def compute_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps, kl_coef, loss_type, normalizer):
+def compute_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps, kl_coef, loss_type, normalizer,
+                 is_weights=1.0):
     """REINFORCE as a clipped surrogate + k3 KL penalty, per token (all (b, T) but advantages (b,)):
 
         rho_t = exp(logp_t - logp_old_t)                        (1 in the first epoch: the gradient is -A grad logp_t)
-        L_t   = -min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A) + beta (exp(ref_t - logp_t) - (ref_t - logp_t) - 1)
+        L_t   = -w_t min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A) + beta (exp(ref_t - logp_t) - (ref_t - logp_t) - 1)
+        w_t   = the importance weight trainer/sampler of token t (nanorlhf.logprobs.importance_weights)
 
     loss_type "sequence": mean of L_t over each completion, summed over completions / normalizer (the number
     of completions in the whole batch); "token": L_t summed over all tokens / normalizer (all tokens).
     """
     ratio = torch.exp(logprobs - old_logprobs)
     adv = advantages[:, None]  # (b, 1)
-    per_token = -torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    per_token = -torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv) * is_weights
     kl = torch.zeros_like(logprobs)
     if ref_logprobs is not None:
         log_ratio = ref_logprobs - logprobs
@@ -155,7 +157,7 @@ def main(cfg):
         normalizer = len(batch) if cfg.loss_type == "sequence" else sum(map(len, batch.completion_ids))
         stats = run.update(batch, epochs=cfg.ppo_epochs, loss_fn=lambda logprobs, entropy, mb: compute_loss(
             logprobs, mb.old_logprobs, mb.ref_logprobs, mb.advantages,
-            mb.completion_mask, cfg.clip_eps, cfg.kl_coef, cfg.loss_type, normalizer))
+            mb.completion_mask, cfg.clip_eps, cfg.kl_coef, cfg.loss_type, normalizer, is_weights=mb.is_weights))
         # 7. push the updated weights into the engine, in place
         run.sync()
         # 8. log

@@ -7,7 +7,7 @@ vLLM engine and scores them. Each completion's reward is penalised by its own KL
 whitened over the whole batch (zero mean, unit std): the batch mean is the only baseline, as REINFORCE
 has none of its own. No value model, no groups needed (group_size 1 is the default). The policy is the
 base model plus a LoRA adapter; the reference policy is the same base with the adapter disabled. After
-the optimizer step the merged LoRA weights are pushed into the engine in place.
+the optimizer step the updated weights are pushed into the engine in place (`--weight_sync`).
 
 Differences from vanilla REINFORCE: whitening (on by default, `whiten_advantages`) subtracts the batch
 mean, which is a baseline; with it off the advantage is the raw penalised reward. The loss is the policy
@@ -104,18 +104,19 @@ def compute_advantages(rewards, whiten=True, eps=1e-8):
     return (rewards - rewards.mean()) / (rewards.std() + eps)
 
 
-def compute_loss(logprobs, old_logprobs, advantages, mask, clip_eps, loss_type, normalizer):
+def compute_loss(logprobs, old_logprobs, advantages, mask, clip_eps, loss_type, normalizer, is_weights=1.0):
     """REINFORCE as a clipped surrogate, per token (all (b, T) but advantages (b,)); the KL is in the reward:
 
         rho_t = exp(logp_t - logp_old_t)                        (1 in the first epoch: the gradient is -A grad logp_t)
-        L_t   = -min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A)
+        L_t   = -w_t min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A)
+        w_t   = the importance weight trainer/sampler of token t (nanorlhf.logprobs.importance_weights)
 
     loss_type "sequence": mean of L_t over each completion, summed over completions / normalizer (the number
     of completions in the whole batch); "token": L_t summed over all tokens / normalizer (all tokens).
     """
     ratio = torch.exp(logprobs - old_logprobs)
     adv = advantages[:, None]  # (b, 1)
-    per_token = -torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    per_token = -torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv) * is_weights
     mask = mask.float()
     if loss_type == "sequence":
         loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / normalizer
@@ -152,7 +153,8 @@ def main(cfg):
         # 6. loss, backward, optimizer step
         normalizer = len(batch) if cfg.loss_type == "sequence" else sum(map(len, batch.completion_ids))
         stats = run.update(batch, epochs=cfg.ppo_epochs, loss_fn=lambda logprobs, entropy, mb: compute_loss(
-            logprobs, mb.old_logprobs, mb.advantages, mb.completion_mask, cfg.clip_eps, cfg.loss_type, normalizer))
+            logprobs, mb.old_logprobs, mb.advantages, mb.completion_mask, cfg.clip_eps, cfg.loss_type, normalizer,
+            is_weights=mb.is_weights))
         # 7. push the updated weights into the engine, in place
         run.sync()
         # 8. log

@@ -11,16 +11,16 @@ import copy
 from contextlib import contextmanager
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
-from nanorlhf.policy import device, move_optimizer_state
+from nanorlhf.logprobs import right_pad
+from nanorlhf.policy import device, evaluating, move_optimizer_state
 
 POLICY, CRITIC = "default", "critic"
 
 
-@torch.no_grad()
 def per_token(batch, micro_batches, fn):
-    """(B, C) tensor of fn(mb) -> (b, c) computed micro-batch by micro-batch, without gradients."""
+    """(B, C) tensor of fn(mb) -> (b, c) computed micro-batch by micro-batch, without gradients (run it inside
+    nanorlhf.policy.evaluating: no dropout)."""
     out = torch.zeros(len(batch), max(map(len, batch.completion_ids)), device=device())
     for idx in micro_batches:
         values = fn(batch.select(idx, device()))
@@ -77,11 +77,11 @@ class Critic:
 
     def values(self, mb):
         """(b, c) values of one micro-batch (call inside `active()`); padding positions hold garbage."""
-        sequences = [torch.tensor(p + c) for p, c in zip(mb.prompt_ids, mb.completion_ids)]
-        input_ids = pad_sequence(sequences, batch_first=True, padding_value=self.pad_id).to(device())
-        attention_mask = pad_sequence([torch.ones(len(s), dtype=torch.long) for s in sequences], batch_first=True)
+        input_ids, attention_mask = right_pad([p + c for p, c in zip(mb.prompt_ids, mb.completion_ids)], self.pad_id)
+        input_ids = input_ids.to(device())
         hidden = self.policy.get_base_model().get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask.to(device())).last_hidden_state  # (b, L, H)
+            input_ids=input_ids, attention_mask=attention_mask.to(device()), use_cache=False,
+        ).last_hidden_state  # (b, L, H)
         # the state before completion token t is the position that predicts it: len(prompt) - 1 + t
         prompt_lengths = torch.tensor([len(p) for p in mb.prompt_ids])
         width = max(map(len, mb.completion_ids))
@@ -90,8 +90,8 @@ class Critic:
         return self.head(hidden.gather(1, positions).float()).squeeze(-1)
 
     def predict(self, batch, micro_batches):
-        """(B, C) values of a whole batch, no gradients."""
-        with self.active():
+        """(B, C) values of a whole batch, no gradients and no dropout (the critic's old values)."""
+        with self.active(), evaluating(self.policy):
             return per_token(batch, micro_batches, self.values)
 
     def update(self, batch, micro_batches, loss_fn, epochs=1):

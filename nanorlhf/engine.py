@@ -1,8 +1,11 @@
 """The rollout engine: one vLLM `LLM`, built once per run, in this process, that trades the GPU with the trainer.
 
-Per step: `wake_up()` -> `push_weights(...)` (the trainer's updated weights, in place: no disk, no
-rebuild) -> `generate(...)` -> `sleep()`. On GPU, sleeping releases the KV cache and offloads the
-engine's weights so the trainer has the memory; on CPU vLLM's sleep is a no-op, but it is still called.
+Per step: `push_weights(...)` (wakes the weights alone and loads the trainer's updated ones in place: no disk,
+no rebuild) -> `generate(...)` (wakes the KV cache) -> `sleep()`. On GPU, sleeping releases the KV cache and
+offloads the engine's weights so the trainer has the memory; waking the weights before the KV cache keeps the
+push's peak memory down. On CPU vLLM's sleep is a no-op, but it is still called.
+With `--weight_sync lora` the engine is built with vLLM's LoRA and `push_lora(...)` replaces `push_weights(...)`:
+the adapter's A and B alone, in memory, served by vLLM's LoRA kernels on top of the untouched base weights.
 """
 
 import dataclasses
@@ -18,11 +21,16 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from nanorlhf.errors import UserError  # noqa: E402
+
 # A LoRA push reloads only the linear layers, and vLLM warns about every other weight on each push. A filter
 # (unlike a level) survives vLLM's logging reconfiguration.
 for _module in ("inplace", "layerwise"):
     logging.getLogger(f"vllm.model_executor.model_loader.reload.{_module}").addFilter(
         lambda record: record.levelno >= logging.ERROR)
+# --weight_sync lora: every LoRA request reminds that a LoRA may not bring its own tokenizer (ours never does).
+logging.getLogger("vllm.v1.engine.input_processor").addFilter(
+    lambda record: "tokenizers for different LoRAs" not in record.getMessage())
 
 
 @dataclasses.dataclass
@@ -30,17 +38,50 @@ class Completion:
     prompt_index: int  # which prompt of the step's batch this completion answers
     token_ids: list  # sampled completion tokens (EOS included when the model stopped by itself)
     text: str
-    logprobs: list  # vLLM's raw (temperature 1) log-prob of each sampled token: the logprob canary's reference
+    logprobs: list  # log-prob of each sampled token under the distribution it was drawn from (temperature, top-p)
     truncated: bool  # hit max_new_tokens without stopping
+
+
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+
+def engine_lora_rank(lora_r):
+    """The smallest max_lora_rank vLLM accepts that holds a rank-`lora_r` adapter (--weight_sync lora)."""
+    for rank in LORA_RANKS:
+        if rank >= lora_r:
+            return rank
+    raise UserError(f"--lora_r {lora_r} is above {LORA_RANKS[-1]}, the largest LoRA rank vLLM serves: lower "
+                    "--lora_r or use --weight_sync merged")
+
+
+def _load_lora_tensors(worker, lora_id, tensors, peft_config):
+    """Runs on the vLLM worker (via collective_rpc): serve an adapter built from in-memory tensors, the only one.
+    vLLM's own loader (vllm/lora/worker_manager.py, _load_adapter) reads the same tensors from a folder."""
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.peft_helper import PEFTHelper
+
+    manager = worker.model_runner.lora_manager
+    helper = PEFTHelper.from_dict(peft_config)
+    helper.validate_legal(manager.lora_config)
+    mapper = getattr(manager._adapter_manager.model, "hf_to_vllm_mapper", None)  # renamed modules (e.g. Qwen2-VL)
+    lora = LoRAModel.from_lora_tensors(lora_id, tensors, helper, device="cpu", dtype=manager.lora_config.lora_dtype,
+                                       model_vocab_size=manager.vocab_size,
+                                       weights_mapper=mapper and mapper.get_rename_mapper())
+    manager.remove_all_adapters()  # the previous step's adapter: memory stays flat
+    manager._adapter_manager.add_adapter(lora)  # activated by the first request that names lora_id
 
 
 class RolloutEngine:
     builds = 0  # LLM constructions in this process; a run must keep it at 1 (logged as engine_builds)
 
-    def __init__(self, model, max_model_len, dtype="bfloat16", gpu_memory_utilization=0.3, seed=0):
+    def __init__(self, model, max_model_len, dtype="bfloat16", gpu_memory_utilization=0.3, seed=0, max_lora_rank=0):
+        """max_lora_rank > 0 (one of LORA_RANKS): serve the policy through vLLM's LoRA kernels, the adapter
+        pushed by push_lora(); 0: the engine holds merged weights, pushed by push_weights()."""
         from vllm import LLM
 
         self.on_gpu = torch.cuda.is_available()
+        self.dtype = getattr(torch, dtype)
+        lora = dict(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1) if max_lora_rank else {}
         self.llm = LLM(
             model=model,
             dtype=dtype,
@@ -53,8 +94,15 @@ class RolloutEngine:
             enable_chunked_prefill=self.on_gpu,
             max_num_batched_tokens=None if self.on_gpu else max(max_model_len, 8192),
             seed=seed,
+            # log-probs after temperature and top-p: the sampler's own distribution, what the importance weights
+            # and the canary compare the trainer with (raw ones would be at temperature 1)
+            logprobs_mode="processed_logprobs",
+            **lora,
         )
-        self.asleep = False
+        self.lora_request = None  # the adapter every generate() uses, set by push_lora()
+        self.pushed_bytes = 0  # size of the last push
+        self.sleeping = set()  # what is offloaded: "weights", "kv_cache"
+        self.prefix_cache_stale = False
         RolloutEngine.builds += 1
 
     def generate(self, prompt_token_ids, n, seed, max_new_tokens, temperature=1.0, top_p=1.0, greedy=False,
@@ -69,6 +117,9 @@ class RolloutEngine:
         from vllm import SamplingParams
 
         self.wake_up()
+        if self.prefix_cache_stale:  # cached prompt KV was computed with the old weights
+            self.llm.reset_prefix_cache()
+            self.prefix_cache_stale = False
         seeds = np.random.default_rng(seed).integers(0, 2**31 - 1, size=len(prompt_token_ids) * n)
         sampled = [(i, 0.0 if greedy else temperature, 1.0 if greedy else top_p, int(seeds[i * n + j]))
                    for i in range(len(prompt_token_ids)) for j in range(n)]
@@ -77,7 +128,8 @@ class RolloutEngine:
                                        logprobs=0))  # logprobs=0: the sampled token's own log-prob only
                     for i, t, p, s in sampled + greedy_extra]
         outputs = self.llm.generate([{"prompt_token_ids": list(prompt_token_ids[i])} for i, _ in requests],
-                                    [params for _, params in requests], use_tqdm=False)
+                                    [params for _, params in requests], use_tqdm=False,
+                                    lora_request=self.lora_request)
         completions = []
         for (prompt_index, _), out in zip(requests, outputs):
             sample = out.outputs[0]
@@ -96,17 +148,36 @@ class RolloutEngine:
     def push_weights(self, named_tensors):
         """Load (hf_name, tensor) pairs into the running engine in place. All shards of a fused vLLM module
         (q/k/v, gate/up) must come in the same call, or the fused weight goes out of step."""
-        self.wake_up()
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_tensors)})
-        self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+        self.wake_up(["weights"])  # the KV cache stays released until generate(): lower peak memory
+        named_tensors = list(named_tensors)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors})
+        self.pushed_bytes = sum(t.numel() * t.element_size() for _, t in named_tensors)
+        self.prefix_cache_stale = True
+
+    @torch.no_grad()
+    def push_lora(self, adapter_tensors, peft_config):
+        """Serve a new LoRA adapter through vLLM's LoRA kernels: `adapter_tensors` is peft's state dict
+        (`...q_proj.lora_A.weight` -> tensor), `peft_config` its LoraConfig as a dict. The tensors go straight to
+        the worker's LoRA manager (no disk), copied (the trainer goes on updating its own) under a new id, so
+        that vLLM never serves a cached adapter; the previous one is removed."""
+        from vllm.lora.request import LoRARequest
+
+        self.wake_up(["weights"])  # removing the old adapter clears its slot in the engine's LoRA buffers
+        tensors = {name: t.detach().to(self.dtype, copy=True) for name, t in adapter_tensors.items()}
+        lora_id = self.lora_request.lora_int_id + 1 if self.lora_request else 1
+        self.llm.collective_rpc(_load_lora_tensors, args=(lora_id, tensors, peft_config))
+        # lora_path is never read (the adapter is already loaded) but vLLM requires one
+        self.lora_request = LoRARequest(f"policy-{lora_id}", lora_id, lora_path="in-memory")
+        self.pushed_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
 
     def sleep(self):
         """Free the GPU for training: drop the KV cache and offload the weights (level 1). No-op on CPU."""
-        if self.on_gpu and not self.asleep:
+        if self.on_gpu and not self.sleeping:
             self.llm.sleep(level=1)
-        self.asleep = True
+        self.sleeping = {"weights", "kv_cache"}
 
-    def wake_up(self):
-        if self.on_gpu and self.asleep:
-            self.llm.wake_up()
-        self.asleep = False
+    def wake_up(self, tags=("weights", "kv_cache")):
+        tags = [tag for tag in tags if tag in self.sleeping]
+        if self.on_gpu and tags:
+            self.llm.wake_up(tags=tags)
+        self.sleeping -= set(tags)

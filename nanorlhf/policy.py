@@ -1,5 +1,12 @@
 """The policy: a base model with a peft LoRA adapter. The reference model is the same base with the
-adapter disabled, so no second copy of the weights is ever in memory."""
+adapter disabled, so no second copy of the weights is ever in memory.
+
+The model stays in train mode (LoRA dropout on; transformers checkpoints a layer only when
+`gradient_checkpointing and model.training`), and every pass without gradients runs inside `evaluating()`:
+no dropout there, so old log-probs, the canary, the reference and the critic's values are deterministic.
+"""
+
+from contextlib import contextmanager
 
 import torch
 
@@ -28,19 +35,47 @@ def load_policy(model_name, lora_r, lora_alpha, lora_dropout=0.0, target_modules
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    return model
+    model.config.use_cache = False  # the trainer never decodes: no KV cache in its forwards
+    return model.train()  # from_pretrained returns eval mode, where checkpointing silently does nothing
+
+
+@contextmanager
+def evaluating(model):
+    """No gradients and no dropout inside (no-grad passes must be deterministic); train mode again after."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train()
+
+
+# vLLM fuses these projections into one weight (qkv_proj, gate_up_proj) and rebuilds it from the shards a push
+# brings: a shard missing from the push would be overwritten with garbage.
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 @torch.no_grad()
 def merged_weights(model, dtype=None):
-    """(name, W + scale * B @ A) for every LoRA-wrapped linear, under the base model's Hugging Face names:
-    exactly the tensors the rollout engine must reload after an optimizer step."""
+    """(name, W + scale * B @ A) for every LoRA-wrapped linear, plus the untouched weights of the other shards of
+    any fused vLLM module it belongs to (a LoRA on q_proj alone also pushes k_proj and v_proj), under the base
+    model's Hugging Face names: exactly the tensors the rollout engine must reload after an optimizer step."""
     from peft.tuners.lora import LoraLayer
 
-    for name, module in model.named_modules():
+    modules = dict(model.named_modules())
+    names = {}  # ordered set
+    for name, module in modules.items():
+        if isinstance(module, LoraLayer):
+            parent, _, leaf = name.rpartition(".")
+            group = next((g for g in FUSED if leaf in g), (leaf,))
+            names.update((f"{parent}.{shard}", None) for shard in group if f"{parent}.{shard}" in modules)
+    for name in names:
+        module = modules[name]
         if isinstance(module, LoraLayer):
             weight = module.base_layer.weight + module.get_delta_weight(module.active_adapters[0])
-            yield name.removeprefix("base_model.model.") + ".weight", weight.to(dtype or weight.dtype)
+        else:
+            weight = module.weight
+        yield name.removeprefix("base_model.model.") + ".weight", weight.to(dtype or weight.dtype)
 
 
 def move_optimizer_state(optimizer, to):

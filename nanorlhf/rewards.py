@@ -37,7 +37,15 @@ def load_reward_fn(spec):
 
 
 class RewardModel:
-    """A sequence-classification model as a reward function: score(question, response) per completion."""
+    """A sequence-classification model as a reward function: score(question, response) per completion.
+
+    A pair longer than the model's window (tokenizer.model_max_length capped at max_position_embeddings: 512 tokens
+    for the default DeBERTa, its [CLS] and two [SEP] included) is cut so that the response, the thing being scored,
+    stays whole: the prompt loses tokens from the left, its oldest turns first. A response that alone fills the
+    window keeps its beginning and is scored without the prompt: no room is left for a useful part of it.
+    `metrics` counts what the last call cut (logged each step as reward_reward_model_<key>): `truncated_prompts`
+    (shortened or dropped) and `truncated_responses`.
+    """
 
     def __init__(self, name, batch_size=16, dtype=torch.bfloat16):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -47,13 +55,46 @@ class RewardModel:
         self.model = AutoModelForSequenceClassification.from_pretrained(name, dtype=dtype).to(self.device).eval()
         self.batch_size = batch_size
         self.__name__ = "reward_model"
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        self.max_length = min(self.tokenizer.model_max_length, positions or self.tokenizer.model_max_length)
+        self.budget = self.max_length - self.tokenizer.num_special_tokens_to_add(pair=True)  # for the two texts
+        self.metrics = {"truncated_prompts": 0, "truncated_responses": 0}
+
+    def encode(self, prompts, completions):
+        """One encoding (a dict of id lists, special tokens in) per (prompt, completion), cut to the window as the
+        class docstring says; sets `metrics`."""
+        def lengths(texts):
+            ids = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+            return [len(i) for i in ids]
+
+        prompt_lengths, response_lengths = lengths(prompts), lengths(completions)
+        # per pair: whole, the prompt cut from the left, or the response cut from the right without the prompt
+        cases = ["whole" if p + r <= self.budget else "cut_prompt" if r < self.budget else "cut_response"
+                 for p, r in zip(prompt_lengths, response_lengths)]
+        encoded, side = [None] * len(prompts), self.tokenizer.truncation_side
+        try:
+            for case, truncation, truncation_side in (("whole", False, side), ("cut_prompt", "only_first", "left"),
+                                                      ("cut_response", "only_second", "right")):
+                idx = [i for i, c in enumerate(cases) if c == case]
+                if not idx:
+                    continue
+                self.tokenizer.truncation_side = truncation_side
+                out = self.tokenizer([prompts[i] if case != "cut_response" else "" for i in idx],
+                                     [completions[i] for i in idx], truncation=truncation,
+                                     max_length=self.max_length if truncation else None)
+                for row, i in enumerate(idx):
+                    encoded[i] = {key: values[row] for key, values in out.items()}
+        finally:
+            self.tokenizer.truncation_side = side
+        self.metrics = {"truncated_prompts": sum(c != "whole" and p > 0 for c, p in zip(cases, prompt_lengths)),
+                        "truncated_responses": sum(r > self.budget for r in response_lengths)}
+        return encoded
 
     @torch.no_grad()
     def __call__(self, prompts, completions, **_):
-        scores = []
-        for i in range(0, len(prompts), self.batch_size):
-            inputs = self.tokenizer(prompts[i : i + self.batch_size], completions[i : i + self.batch_size],
-                                    padding=True, truncation=True, return_tensors="pt").to(self.device)
+        encoded, scores = self.encode(prompts, completions), []
+        for i in range(0, len(encoded), self.batch_size):
+            inputs = self.tokenizer.pad(encoded[i : i + self.batch_size], return_tensors="pt").to(self.device)
             scores += self.model(**inputs).logits[:, 0].float().tolist()
         return scores
 

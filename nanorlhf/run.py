@@ -20,10 +20,10 @@ import torch
 
 from nanorlhf.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from nanorlhf.data import PromptStream, load_rows
-from nanorlhf.engine import RolloutEngine
+from nanorlhf.engine import RolloutEngine, engine_lora_rank
 from nanorlhf.errors import UserError
-from nanorlhf.logprobs import completion_logprobs, padding_fraction, token_budget_batches
-from nanorlhf.policy import device, load_policy, merged_weights, move_optimizer_state
+from nanorlhf.logprobs import IS_MODES, completion_logprobs, importance_weights, padding_fraction, token_budget_batches
+from nanorlhf.policy import device, evaluating, load_policy, merged_weights, move_optimizer_state
 from nanorlhf.rewards import build_rewards
 from nanorlhf.tasks import resolve
 from nanorlhf.tracking import Tracker
@@ -72,6 +72,21 @@ class Run:
         self.total_steps = cfg.total_episodes // self.episodes_per_step
         if min(cfg.prompts_per_step, cfg.group_size, cfg.max_new_tokens, cfg.micro_batch_tokens) < 1:
             raise UserError("prompts_per_step, group_size, max_new_tokens and micro_batch_tokens must be at least 1")
+        if not cfg.temperature > 0:  # the trainer divides the logits by it
+            raise UserError(f"--temperature must be > 0 for training, got {cfg.temperature}: the loss uses the "
+                            "distribution the completions were sampled from (greedy decoding is what the evaluation "
+                            "does)")
+        if cfg.vllm_is_correction not in IS_MODES:
+            raise UserError(f"--vllm_is_correction must be one of {', '.join(IS_MODES)}, got {cfg.vllm_is_correction!r}")
+        if not cfg.vllm_is_cap >= 1:
+            raise UserError(f"--vllm_is_cap must be at least 1 (it caps pi_trainer / pi_vllm), got {cfg.vllm_is_cap}")
+        if cfg.weight_sync not in ("auto", "merged", "lora"):
+            raise UserError(f"--weight_sync must be auto, merged or lora, got {cfg.weight_sync!r}")
+        # auto: in float32 both syncs are exact and merged is the faster; in bf16/fp16 a merged push rounds away small
+        # updates that the trainer still sees (docs/performance.md, "Update fidelity in bfloat16: sync modes")
+        self.weight_sync = cfg.weight_sync if cfg.weight_sync != "auto" else \
+            "merged" if cfg.dtype == "float32" else "lora"
+        max_lora_rank = engine_lora_rank(cfg.lora_r) if self.weight_sync == "lora" else 0
         if self.total_steps < 1:
             raise UserError(f"--total_episodes {cfg.total_episodes} is less than one step "
                             f"(prompts_per_step x group_size = {self.episodes_per_step})")
@@ -120,7 +135,8 @@ class Run:
             self.start_step = progress["step"] + 1
             self.prompts.load_state(progress["data"])
             print(f"resumed from {checkpoint}: continuing at step {self.start_step}")
-        self.engine = RolloutEngine(model_name, self.max_model_len, cfg.dtype, cfg.vllm_gpu_memory, cfg.seed)
+        self.engine = RolloutEngine(model_name, self.max_model_len, cfg.dtype, cfg.vllm_gpu_memory, cfg.seed,
+                                    max_lora_rank)
         if checkpoint:
             self.sync()
         self.tracker = Tracker(self.output_dir, cfg, cfg.wandb, cfg.wandb_project, os.path.basename(self.output_dir),
@@ -246,52 +262,83 @@ class Run:
         batches = token_budget_batches(lengths, self.cfg.micro_batch_tokens)
         return batches, padding_fraction(batches, lengths)
 
-    def logprobs(self, mb, with_raw=False):
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0  # masked anyway
-        return completion_logprobs(self.policy, mb.prompt_ids, mb.completion_ids, pad_id,
-                                   self.cfg.temperature, with_raw=with_raw)
+    def logprobs(self, mb, temperature=None, sampling=False):
+        """completion_logprobs of micro-batch mb at `temperature` (default: the sampling one); sampling=True adds the
+        sampler's view (sampler_logprobs, processed_logprobs) at the engine's temperature and top-p."""
+        return completion_logprobs(self.policy, mb.prompt_ids, mb.completion_ids, self.tokenizer.pad_token_id,
+                                   self.cfg.temperature if temperature is None else temperature,
+                                   sampling=(self.cfg.temperature, self.cfg.top_p) if sampling else None)
 
-    def reference_logprobs(self, batch):
+    def reference_logprobs(self, batch, temperature=None):
         """(B, C) log-probs under the reference policy: the same base model with the LoRA adapter disabled."""
         with self.policy.disable_adapter():
-            return self.policy_logprobs(batch)
+            return self.policy_logprobs(batch, temperature)
 
-    @torch.no_grad()
-    def policy_logprobs(self, batch):
-        """(B, C) log-probs of the sampled tokens under the current policy, no grad (0 on padding). Timed as
-        time_reference, with the other no-grad passes before the update."""
+    def policy_logprobs(self, batch, temperature=None):
+        """(B, C) log-probs of the sampled tokens under the current policy, no grad and no dropout (0 on padding).
+        Timed as time_reference, with the other no-grad passes before the update."""
         out = torch.zeros(batch.vllm_logprobs.shape, device=device())
         batches, _ = self.micro_batches(batch)
-        with self.timed("time_reference"):
+        with self.timed("time_reference"), evaluating(self.policy):
             for idx in batches:
-                lp = self.logprobs(batch.select(idx, device()))["logprobs"]
+                lp = self.logprobs(batch.select(idx, device()), temperature)["logprobs"]
                 out[torch.tensor(idx, device=out.device), : lp.shape[1]] = lp
         return out
 
-    def update(self, batch, loss_fn, epochs=1):
+    def update(self, batch, loss_fn, epochs=1, temperature=None):
         """`epochs` optimizer steps on the whole batch, each accumulating gradients over token-budget
-        micro-batches. loss_fn(logprobs, entropy, mb) -> (loss, {stat: token mean}) sees one micro-batch
-        `mb` with `completion_mask` and `old_logprobs` (the policy's before this update, no grad), and its
-        loss must already be divided by the whole batch's normaliser. Returns the loss, the stats averaged
-        over tokens, and the logprob canary (vLLM vs trainer log-probs of the sampled tokens)."""
+        micro-batches. loss_fn(logprobs, entropy, mb) -> (loss, {stat: token mean}) sees one micro-batch `mb`
+        with `completion_mask`, `old_logprobs` (the policy the engine sampled from, at the sampling temperature,
+        no grad) and `is_weights` (importance weights trainer/sampler, nanorlhf.logprobs.importance_weights, that
+        multiply the policy-gradient term of each token), and its loss must already be divided by the whole
+        batch's normaliser. `temperature`: of the log-probs the loss sees (default the sampling temperature).
+        Returns the loss, the stats averaged over tokens, the logprob canary (vLLM vs trainer log-probs of the
+        sampled tokens, same distribution) and the importance-weight stats."""
         if len(batch) == 0:  # sparse GRPO dropped every completion: nothing to learn from this step
             return {"loss": 0.0, "micro_batches": 0}
+        cfg = self.cfg
         batches, pad = self.micro_batches(batch)
         batch.old_logprobs = torch.zeros(batch.vllm_logprobs.shape, device=device())
-        sums, loss_sum, canary, tokens = {}, 0.0, 0.0, 0
+        batch.is_weights = torch.zeros(batch.vllm_logprobs.shape, device=device())
+        sums, loss_sum, tokens = {}, 0.0, 0
+        sampler = {"canary": 0.0, "canary_tokens": 0, "ratio": 0.0, "ratio_max": 0.0, "clipped": 0.0}
+
+        def observe(idx, mb, out):
+            """Record the sampler's view of micro-batch idx: old log-probs, importance weights, canary."""
+            nonlocal tokens
+            mask = out["mask"]
+            weights, ratios, clipped = importance_weights(out["sampler_logprobs"], mb.vllm_logprobs, mask,
+                                                          cfg.vllm_is_correction, cfg.vllm_is_cap)
+            rows, width = torch.tensor(idx, device=device()), mask.shape[1]
+            batch.old_logprobs[rows, :width] = out["sampler_logprobs"]
+            batch.is_weights[rows, :width] = weights
+            measured = out["canary_mask"]
+            sampler["canary"] += ((out["processed_logprobs"] - mb.vllm_logprobs).abs() * measured).sum().item()
+            sampler["canary_tokens"] += measured.sum().item()
+            sampler["ratio"] += ratios.sum().item()
+            sampler["ratio_max"] = max(sampler["ratio_max"], ratios.max().item())
+            sampler["clipped"] += clipped.sum().item()
+            tokens += mask.sum().item()
+            return out["sampler_logprobs"], weights
+
+        # Without dropout, epoch 0's forward runs the very policy the engine sampled from: the sampler's view comes
+        # with it for free. With dropout it needs its own pass without dropout (and without gradients).
+        separate = cfg.lora_dropout > 0
+        if separate:
+            with self.timed("time_old_logprobs"), evaluating(self.policy):
+                for idx in batches:
+                    mb = batch.select(idx, device())
+                    observe(idx, mb, self.logprobs(mb, sampling=True))
         with self.timed("time_train"):
             move_optimizer_state(self.optimizer, device())
             for epoch in range(epochs):
                 for idx in batches:
                     mb = batch.select(idx, device())
-                    out = self.logprobs(mb, with_raw=epoch == 0)
+                    out = self.logprobs(mb, temperature, sampling=epoch == 0 and not separate)
                     mb.completion_mask = out["mask"]
                     n_tokens = out["mask"].sum().item()
-                    if epoch == 0:  # same weights the engine sampled with: old log-probs and the canary for free
-                        mb.old_logprobs = out["logprobs"].detach()
-                        batch.old_logprobs[torch.tensor(idx, device=device()), : mb.old_logprobs.shape[1]] = mb.old_logprobs
-                        canary += ((out["raw"] - mb.vllm_logprobs).abs() * out["mask"]).sum().item()
-                        tokens += n_tokens
+                    if epoch == 0 and not separate:
+                        mb.old_logprobs, mb.is_weights = observe(idx, mb, out)
                     loss, stats = loss_fn(out["logprobs"], out["entropy"], mb)
                     loss.backward()
                     loss_sum += loss.item() / epochs
@@ -306,17 +353,26 @@ class Run:
         stats = {k: v / (tokens * epochs) for k, v in sums.items()}
         trained_tokens = epochs * sum(len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids))
         stats.update(loss=loss_sum, grad_norm=grad_norm.item(), padding_fraction=pad, micro_batches=len(batches),
-                     logprob_diff=canary / max(tokens, 1), lr=self.scheduler.get_last_lr()[0],
+                     logprob_diff=sampler["canary"] / max(sampler["canary_tokens"], 1),
+                     is_ratio_mean=sampler["ratio"] / max(tokens, 1), is_ratio_max=sampler["ratio_max"], is_clipped_fraction=sampler["clipped"] / max(tokens, 1),
+                     lr=self.scheduler.get_last_lr()[0],
                      train_tokens_per_second=trained_tokens / self.times["time_train"],
                      # what the dropped samples (sparse) would have cost at the measured speed: an estimate
                      time_saved_sparse=batch.dropped_tokens * epochs * self.times["time_train"] / trained_tokens)
         return stats
 
     def sync(self):
-        """Push the merged LoRA weights into the engine, in place."""
+        """Push the updated policy into the engine, in place: the merged weights W + scale B A, or (weight_sync lora;
+        auto outside float32) the adapter's A and B alone, served by vLLM's LoRA kernels (docs/performance.md)."""
+        from peft import get_peft_model_state_dict
+
         with self.timed("time_sync"):
-            self.engine.push_weights(merged_weights(self.policy, torch.bfloat16 if self.cfg.dtype == "bfloat16"
-                                                    else None))
+            if self.weight_sync == "lora":
+                adapter = get_peft_model_state_dict(self.policy)
+                self.engine.push_lora(adapter, self.policy.peft_config["default"].to_dict())
+            else:
+                self.engine.push_weights(merged_weights(self.policy, torch.bfloat16 if self.cfg.dtype == "bfloat16"
+                                                        else None))
 
     @torch.no_grad()
     def evaluate(self):
@@ -334,6 +390,10 @@ class Run:
         """Write the step's metrics (metrics.jsonl, wandb, progress bar) and mark the step complete."""
         lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float)
         self.times["time_step"] = time.perf_counter() - self.times.pop("step_start")
+        # counters a reward function carries in a `metrics` dict (e.g. the math verifier's timeouts), read before
+        # the evaluation scores its own completions (a per-call counter would then hold the evaluation's)
+        reward_counters = {f"reward_{fn.__name__}_{k}": v for fn in self.rewards.functions
+                           for k, v in getattr(fn, "metrics", {}).items()}
         if self.eval_prompts and (step == 1 or step % self.cfg.eval_every == 0 or step == self.total_steps):
             metrics.update(self.evaluate())
         row = {
@@ -347,9 +407,7 @@ class Run:
             "engine_builds": RolloutEngine.builds,
             "kl": None,  # stays null when there is no reference pass (kl_coef 0)
             "generate_tokens_per_second": self.times.pop("generated_tokens") / self.times["time_generate"],
-            # counters a reward function carries in a `metrics` dict (e.g. the math verifier's timeouts)
-            **{f"reward_{fn.__name__}_{k}": v for fn in self.rewards.functions for k, v in
-               getattr(fn, "metrics", {}).items()},
+            **reward_counters,
             **self.times,
             **metrics,
         }

@@ -104,6 +104,7 @@ def test_output_dir_of_another_run_is_refused_and_left_intact(reference_run):
     (["--dataset", "missing.jsonl"], "file 'missing.jsonl' does not exist"),
     (["--prompt_field", "question"], "--prompt_field 'question' is not a column"),
     (["--max_prompt_tokens", "2000"], "exceeds the model's context window"),
+    (["--temperature", "0"], "--temperature must be > 0 for training"),
 ])
 def test_bad_input_is_one_clear_sentence(tmp_path, args, words):
     output_dir = tmp_path / "out"

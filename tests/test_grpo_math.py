@@ -49,3 +49,18 @@ def test_clip_limits_positive_advantage_ratio():
                                     0.2, 0.0, "token", 1)
     assert loss.item() == pytest.approx(-1.2)
     assert stats["clip_fraction"] == 1.0
+
+
+def test_importance_weights_scale_the_policy_gradient_not_the_kl():
+    # ratio 1, token mode: L = sum_t (-w_t A + beta k3_t) / 2: the weights multiply the surrogate only
+    logprobs = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    weights = torch.tensor([[0.5, 2.0]])
+    loss, _ = grpo.compute_loss(logprobs, logprobs.detach(), logprobs.detach() - 1.0, torch.tensor([3.0]), mask, 0.2,
+                                0.1, "token", 2, is_weights=weights)
+    k3 = torch.exp(torch.tensor(-1.0)).item() + 1 - 1  # ref - logp = -1 on both tokens
+    assert loss.item() == pytest.approx((-(0.5 + 2.0) * 3.0 + 2 * 0.1 * k3) / 2)
+    loss.backward()
+    # d/dlogp_t: -w_t A / 2 from the surrogate, beta (1 - exp(ref - logp)) / 2 from the k3 term (unweighted)
+    kl_grad = 0.1 * (1 - torch.exp(torch.tensor(-1.0)).item()) / 2
+    assert logprobs.grad.flatten().tolist() == pytest.approx([-0.5 * 3 / 2 + kl_grad, -2.0 * 3 / 2 + kl_grad])

@@ -24,12 +24,13 @@ def test_chunked_equals_log_softmax_gather_values_and_grads():
     model = tiny_model()
     prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10]]
     completions = [[11, 12, 13, 14], [15], [16, 17]]
-    out = completion_logprobs(model, prompts, completions, pad_id=0, temperature=0.7, chunk_tokens=2, with_raw=True)
+    out = completion_logprobs(model, prompts, completions, pad_id=0, temperature=0.7, chunk_tokens=2,
+                              sampling=(1.0, 1.0))
     assert out["logprobs"].shape == (3, 4)
     for b, (p, c) in enumerate(zip(prompts, completions)):
         expected = plain_logprobs(model, p, c, 0.7)
         assert torch.allclose(out["logprobs"][b, : len(c)], expected, atol=1e-5)
-        assert torch.allclose(out["raw"][b, : len(c)], plain_logprobs(model, p, c, 1.0), atol=1e-5)
+        assert torch.allclose(out["sampler_logprobs"][b, : len(c)], plain_logprobs(model, p, c, 1.0), atol=1e-5)
         assert out["mask"][b].sum() == len(c)
     # gradients through the checkpointed chunks equal the plain computation's
     out["logprobs"][out["mask"]].sum().backward()

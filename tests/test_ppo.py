@@ -141,6 +141,22 @@ def test_value_fit_lowers_the_critics_error_and_leaves_the_policy_alone(tiny_mod
     assert trainable and all(".default." in name for name in trainable)
 
 
+def test_critic_pads_without_a_pad_token(tiny_model):
+    # a tokenizer without a pad token gives pad_id None: the critic pads as the policy's log-probs do
+    from nanorlhf.critic import Critic
+    from nanorlhf.policy import load_policy
+    from nanorlhf.run import Batch
+
+    torch.manual_seed(0)
+    policy = load_policy(tiny_model, 8, 16, 0.0, "all-linear", "float32")
+    critic = Critic(policy, pad_id=None, learning_rate=1e-2, max_grad_norm=1.0)
+    batch = Batch(prompt_ids=[[5, 6, 7, 8], [9, 10]], completion_ids=[[11, 12, 13], [14]])
+    values = critic.predict(batch, [[0, 1]])  # one micro-batch: the second sequence is 4 tokens shorter
+    assert values.shape == (2, 3) and torch.isfinite(values).all()
+    alone = critic.predict(batch, [[1]])  # the padding changed nothing at the real positions
+    assert torch.allclose(values[1, :1], alone[1, :1], atol=1e-5)
+
+
 def test_critic_is_checkpointed_and_restored(tiny_model, tmp_path):
     from nanorlhf.checkpoint import load_checkpoint, save_checkpoint
     from nanorlhf.logprobs import token_budget_batches

@@ -65,3 +65,38 @@ def test_tiny_reward_model_scores_pairs(tmp_path):
     path = build_tiny_reward_model(str(tmp_path / "rm"), ["hello there", "how are you", "fine thanks"])
     scores = RewardModel(path, dtype=torch.float32)(["hello", "how are you"], ["there", "fine"])
     assert len(scores) == 2 and all(math.isfinite(s) for s in scores) and scores[0] != scores[1]
+
+
+def test_reward_model_cuts_the_prompt_from_the_left_and_keeps_the_response(tmp_path):
+    from nanorlhf.rewards import RewardModel
+    from nanorlhf.tiny import build_tiny_reward_model
+
+    words = ["alpha", "beta", "gamma", "delta", "answer", "is", "four"]
+    path = build_tiny_reward_model(str(tmp_path / "rm"), [" ".join(words)] * 20)
+    rm = RewardModel(path, dtype=torch.float32)
+    assert rm.max_length == 512 and rm.budget == 509  # [CLS] prompt [SEP] response [SEP]
+    tokenizer = rm.tokenizer
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+
+    long_prompt = " ".join(["alpha"] * 600 + ["beta", "gamma", "delta"] * 20)  # its beginning differs from its end
+    short_prompt, short_response = "alpha beta", "the answer is four"
+    long_response = " ".join(words[i % 7] for i in range(1000))
+    assert len(ids(long_prompt)) > 512 and len(ids(long_response)) > 512
+    prompts = [long_prompt, short_prompt, short_prompt, long_prompt]
+    responses = [short_response, short_response, long_response, long_response]
+    encoded = [e["input_ids"] for e in rm.encode(prompts, responses)]
+
+    response_ids = ids(short_response)  # long prompt: its last tokens, and the whole response
+    kept = 509 - len(response_ids)
+    assert encoded[0] == [cls] + ids(long_prompt)[-kept:] + [sep] + response_ids + [sep]
+    assert encoded[1] == [cls] + ids(short_prompt) + [sep] + response_ids + [sep]  # fits: untouched
+    # a response that alone overflows keeps its beginning, without the prompt
+    assert encoded[2] == encoded[3] == [cls, sep] + ids(long_response)[:509] + [sep]
+    assert all(len(e) <= 512 for e in encoded)
+
+    scores = rm(prompts, responses)
+    assert len(scores) == 4 and all(math.isfinite(s) for s in scores)
+    assert rm.metrics == {"truncated_prompts": 3, "truncated_responses": 2}
+    rm(prompts[1:2], responses[1:2])
+    assert rm.metrics == {"truncated_prompts": 0, "truncated_responses": 0}  # counts of the last call
