@@ -3,6 +3,7 @@ benchmarks/, never asserted here; what is asserted is that they run, print their
 plain log-probs agree."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -45,3 +46,64 @@ def test_gpu_train_step_tiny_runs_without_vllm_trl_datasets(tmp_path):
     assert cells == {(c, chunked, ckpt) for c in (64, 128) for chunked in (False, True) for ckpt in (False, True)}
     for r in rows:
         assert not r["oom"] and r["tokens_per_second"] > 0
+
+
+def test_sampling_seeds_tiny(tmp_path):
+    out = tmp_path / "sampling_seeds.json"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "sampling_seeds.py"), "--tiny",
+                             "--json", str(out)], capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "seeded/this" in result.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["dtype"] for r in rows] == ["float32"]
+    for r in rows:  # every variant generated every token (EOS ignored), at a positive rate
+        assert r["seeded_tokens"] == r["unseeded_tokens"] == r["unseeded_n1_tokens"] == 4 * 4 * 8
+        assert r["seeded_tokens_per_second"] > 0 and r["unseeded_tokens_per_second"] > 0
+
+
+def test_gpu_check_tiny_trainer_only_runs_without_vllm(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    script = os.path.join(ROOT, "benchmarks", "gpu_check.py")
+    code = ("import runpy, sys; sys.modules.update(vllm=None, trl=None, datasets=None); "
+            f"sys.argv = [{script!r}, '--tiny', '--trainer_only', '--workdir', {str(tmp_path)!r}, '--json', "
+            f"{str(out)!r}]; runpy.run_path({script!r}, run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trainer, gradient checkpointing on" in result.stdout and "\nPASS\n" in result.stdout
+    rows = json.loads(out.read_text())["trainer"]
+    assert [r["gradient_checkpointing"] for r in rows] == [True, False]
+    for r in rows:
+        assert not r.get("oom") and r["train_tokens_per_second"] > 0 and r["micro_batches"] == 2
+
+
+def test_gpu_check_tiny_whole_loop_on_the_cpu_engine(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--tiny",
+                             "--workdir", str(tmp_path), "--json", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    checks = {c["check"]: c["status"] for c in json.loads(out.read_text())["checks"]}
+    for name in ("engine built once", "logprob canary", "importance weights", "update fidelity", "losses finite"):
+        assert checks[name] == "PASS", (name, result.stdout[-2000:])
+    assert checks["sleep/wake + push order"] == "SKIP"  # vLLM's sleep is a no-op on a CPU
+
+
+def test_update_fidelity_tiny(tmp_path):
+    out = tmp_path / "update_fidelity.json"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "update_fidelity.py"), "--tiny",
+                             "--json", str(out), "--plot", str(tmp_path / "plot.png")],
+                            capture_output=True, text=True, timeout=600, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "default weight_sync (bfloat16): " in result.stdout
+    data = json.loads(out.read_text())
+    demo = data["results"]["demo"]
+    assert {(r["lr"], r["steps"]) for r in demo["rows"]} == {(lr, s) for lr in (1e-4, 1e-3) for s in (1, 2)}
+    paths = ("trainer", "merged", "lora")
+    for r in demo["rows"]:
+        assert all(math.isfinite(r[p]["corr"]) and math.isfinite(r[p]["rel_err"]) for p in paths)
+        if r["lr"] == 1e-3:  # a large update survives bf16 on every path: both syncs deliver what the trainer computes
+            assert all(r[p]["corr"] > 0.98 and r[p]["rel_err"] < 0.2 for p in paths), r
+    assert 0 < demo["pushed_bytes"]["lora"] < demo["pushed_bytes"]["merged"]  # A and B only
+    assert data["decision"]["default"] in ("merged", "lora")
+    assert (tmp_path / "plot.png").stat().st_size > 0
