@@ -330,7 +330,7 @@ def main(argv=None):
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"device": device_name, "torch": torch.__version__, "args": vars(args), "checks": report.lines,
+            json.dump({"device": device_name, "torch": torch.__version__, "args": {k: v for k, v in vars(args).items() if k not in ("json", "workdir")}, "checks": report.lines,
                        **result}, f, indent=1)
     print("FAIL" if report.failed else "PASS", flush=True)
     return 1 if report.failed else 0
