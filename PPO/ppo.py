@@ -189,6 +189,8 @@ def initialise_value_model(run, critic, cfg):
     discounted score: GAE with lam = 1. Logged to value_init.jsonl (metrics.jsonl keeps PPO's steps)."""
     with open(os.path.join(run.output_dir, "value_init.jsonl"), "w") as log:
         for init_step in range(1, cfg.value_init_steps + 1):
+            if run.stop_requested:  # Ctrl-C or SIGTERM: run.steps() exits before its first step
+                break
             prompts = run.prompts.next(cfg.prompts_per_step)
             completions = run.generate(prompts, n=cfg.group_size, seed=cfg.seed - init_step)
             rewards, _ = run.score(prompts, completions)

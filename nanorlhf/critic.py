@@ -112,6 +112,9 @@ class Critic:
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + float(v) * n_tokens
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.max_grad_norm)
+                if not torch.isfinite(grad_norm):  # a non-finite loss or gradient is never learned from
+                    self.optimizer.zero_grad(set_to_none=True)
+                    break
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             move_optimizer_state(self.optimizer, "cpu")  # off the GPU while the engine generates

@@ -5,9 +5,13 @@ OpenAssistant/reward-model-deberta-v3-large-v2) is wrapped to that same API, and
 are loaded from `file.py:function` or `module:function`. Several rewards are summed with weights.
 """
 
+import contextlib
 import importlib
 import math
 import os
+import signal
+import threading
+import traceback
 
 import torch
 
@@ -103,23 +107,72 @@ class RewardModel:
         return self
 
 
-class Rewards:
-    """Weighted sum of reward functions, checked on every call: one float per completion, all finite."""
+class RewardTimeout(BaseException):
+    """Raised into a reward function past reward_timeout (a BaseException, so a broad `except Exception` in the
+    user's code does not swallow it)."""
 
-    def __init__(self, functions, weights=None):
+
+@contextlib.contextmanager
+def time_limit(seconds):
+    """Raise RewardTimeout in the block after `seconds` (SIGALRM: it interrupts Python code and blocking calls such as
+    sleep or I/O; a function that sets its own alarm replaces this one for the rest of its call). Main thread only."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise RewardTimeout
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def user_frames(error, fn):
+    """The traceback of `error` cut to the frames in the file that defines fn (the user's own code)."""
+    source = getattr(getattr(fn, "__code__", None), "co_filename", None)
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename == source]
+    return "".join(traceback.format_list(frames)).rstrip()
+
+
+class Rewards:
+    """Weighted sum of reward functions, checked on every call: one float per completion, all finite. A rule-based
+    function that raises or runs past `timeout` seconds becomes one UserError naming it."""
+
+    def __init__(self, functions, weights=None, timeout=0):
         if not functions:
             raise UserError("no reward: give --reward_model and/or --reward_fn")
         weights = weights or [1.0] * len(functions)
         if len(weights) != len(functions):
             raise UserError(f"--reward_weights has {len(weights)} values for {len(functions)} rewards; give one each")
-        self.functions, self.weights = functions, weights
+        self.functions, self.weights, self.timeout = functions, weights, timeout
+
+    def call(self, fn, name, prompts, completions, row_fields):
+        if isinstance(fn, RewardModel):  # a model, not user code: its errors (out of memory) are the run's to report
+            return fn(prompts, completions, **row_fields)
+        try:
+            with time_limit(self.timeout):
+                return fn(prompts, completions, **row_fields)
+        except RewardTimeout:
+            raise UserError(f"reward {name} did not return within reward_timeout {self.timeout:g} s; make it faster, "
+                            "or raise --reward_timeout (0 = no limit)") from None
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:
+            frames = user_frames(e, fn)
+            raise UserError(f"reward {name} raised {type(e).__name__}: {e}" + (f"\n{frames}" if frames else "")) \
+                from None
 
     def __call__(self, prompts, completions, row_fields):
         """Returns (total (N,), {name: (N,)}) for N completions; row_fields maps column -> list of N values."""
         total, parts = torch.zeros(len(completions)), {}
         for fn, weight in zip(self.functions, self.weights):
             name = getattr(fn, "__name__", "reward")
-            values = fn(prompts, completions, **row_fields)
+            values = self.call(fn, name, prompts, completions, row_fields)
             if not hasattr(values, "__len__") or len(values) != len(completions):
                 got = len(values) if hasattr(values, "__len__") else type(values).__name__
                 raise UserError(f"reward {name} returned {got} values for {len(completions)} completions; "
@@ -135,9 +188,9 @@ class Rewards:
         return total, parts
 
 
-def build_rewards(reward_model, reward_fn, reward_weights):
+def build_rewards(reward_model, reward_fn, reward_weights, timeout=0):
     """Rewards from the Config fields: a reward model name ("" for none), comma-separated reward_fn specs,
-    and comma-separated weights (reward model first)."""
+    comma-separated weights (reward model first) and reward_timeout."""
     functions = [load_reward_fn(spec) for spec in reward_fn.split(",") if spec]
     if reward_model:
         functions.insert(0, RewardModel(reward_model))
@@ -145,4 +198,6 @@ def build_rewards(reward_model, reward_fn, reward_weights):
         weights = [float(w) for w in reward_weights.split(",")] if reward_weights else None
     except ValueError:
         raise UserError(f"--reward_weights takes comma-separated numbers, got {reward_weights!r}") from None
-    return Rewards(functions, weights)
+    if not timeout >= 0:
+        raise UserError(f"--reward_timeout must be 0 (no limit) or a number of seconds, got {timeout}")
+    return Rewards(functions, weights, timeout)

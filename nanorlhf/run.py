@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -18,7 +19,9 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from nanorlhf.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from nanorlhf.checkpoint import (find_checkpoint, load_checkpoint, rng_state, save_checkpoint, saved_config,
+                                 set_aside_later_checkpoints, set_rng_state, tidy_run_folder)
+from nanorlhf.config import as_dict
 from nanorlhf.data import PromptStream, load_rows
 from nanorlhf.engine import RolloutEngine, engine_lora_rank
 from nanorlhf.errors import UserError
@@ -56,6 +59,23 @@ class Batch(dict):
         return out
 
 
+# Config fields that change the model's shape: a checkpoint cannot be resumed with other values
+SHAPE_FIELDS = ("model", "lora_r", "lora_target_modules")
+SIGNALS = {signal.SIGINT: ("Ctrl-C", 130), signal.SIGTERM: ("SIGTERM", 143)}  # exit status 128 + signal number
+
+
+def resume_changes(saved, current):
+    """["field old -> new", ...] for the fields a resumed run changes; one UserError if a SHAPE_FIELDS one changed."""
+    ignored = {"resume", "output_dir", "overwrite"}
+    changed = {k: (saved[k], v) for k, v in current.items() if k in saved and saved[k] != v and k not in ignored}
+    shape = [k for k in SHAPE_FIELDS if k in changed]
+    if shape:
+        raise UserError("--resume: " + ", ".join(f"{k} is {changed[k][1]!r} but the checkpoint was trained with "
+                                                  f"{changed[k][0]!r}" for k in shape)
+                        + "; these shape the model, so a resumed run keeps them (drop the flags, or start a new run)")
+    return [f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()]
+
+
 def cosine_schedule(optimizer, total_steps, floor=0.1):
     """Learning rate decays from its peak to floor x peak along a half cosine."""
     return torch.optim.lr_scheduler.LambdaLR(
@@ -87,6 +107,9 @@ class Run:
         self.weight_sync = cfg.weight_sync if cfg.weight_sync != "auto" else \
             "merged" if cfg.dtype == "float32" else "lora"
         max_lora_rank = engine_lora_rank(cfg.lora_r) if self.weight_sync == "lora" else 0
+        if cfg.save_total_limit < 0 or cfg.max_skipped_steps < 1:
+            raise UserError("--save_total_limit must be 0 (keep all) or more and --max_skipped_steps at least 1, got "
+                            f"{cfg.save_total_limit} and {cfg.max_skipped_steps}")
         if self.total_steps < 1:
             raise UserError(f"--total_episodes {cfg.total_episodes} is less than one step "
                             f"(prompts_per_step x group_size = {self.episodes_per_step})")
@@ -110,7 +133,7 @@ class Run:
         if cfg.reward_fn and "reward_model" not in cfg.explicit:
             reward_model = ""  # --reward_fn alone replaces the default reward model; naming both combines them
         self.rewards = build_rewards(resolve(reward_model) if reward_model != "none" else "", cfg.reward_fn,
-                                     cfg.reward_weights)
+                                     cfg.reward_weights, cfg.reward_timeout)
         template = getattr(cfg, "prompt_template", "")
         self.prompts = PromptStream(load_rows(resolve(cfg.dataset)), self.tokenizer, cfg.prompt_field,
                                     cfg.max_prompt_tokens, cfg.seed, template)
@@ -121,6 +144,7 @@ class Run:
                                        template)
             self.eval_prompts = eval_stream.next(min(cfg.eval_limit, len(eval_rows)))
         checkpoint = find_checkpoint(cfg.resume) if cfg.resume else None
+        changes = resume_changes(saved_config(checkpoint), as_dict(cfg)) if checkpoint else []
         self.output_dir = self._prepare_output_dir(checkpoint)
 
         self.policy = load_policy(model_name, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
@@ -129,19 +153,60 @@ class Run:
                                            lr=cfg.learning_rate, weight_decay=0.0)
         self.scheduler = cosine_schedule(self.optimizer, self.total_steps * getattr(cfg, "ppo_epochs", 1))
         self.extra_modules, self.saved_modules = {}, {}  # see register()
-        self.start_step = 1
+        self.start_step, saved_rng = 1, None
         if checkpoint:
-            progress, self.saved_modules = load_checkpoint(checkpoint, self.policy, self.optimizer, self.scheduler)
+            progress, self.saved_modules, saved_rng = load_checkpoint(checkpoint, self.policy, self.optimizer,
+                                                                      self.scheduler, device())
             self.start_step = progress["step"] + 1
             self.prompts.load_state(progress["data"])
-            print(f"resumed from {checkpoint}: continuing at step {self.start_step}")
+            print(f"resumed from {checkpoint}: continuing at step {self.start_step}"
+                  + "".join(f"\n  changed since that checkpoint: {c}" for c in changes))
+            in_place = os.path.dirname(os.path.abspath(checkpoint)) == os.path.abspath(self.output_dir)
+            aside = set_aside_later_checkpoints(self.output_dir, progress["step"]) if in_place else []
+            if aside:
+                print(f"  later checkpoints of the run that died renamed <name>.after-{progress['step']}: "
+                      f"{', '.join(aside)}")
         self.engine = RolloutEngine(model_name, self.max_model_len, cfg.dtype, cfg.vllm_gpu_memory, cfg.seed,
                                     max_lora_rank)
+        # stepped: the weights changed in this step (see failed); engine_stale: the engine's are behind (see sync)
+        self.stepped, self.engine_stale = False, bool(checkpoint)
         if checkpoint:
             self.sync()
         self.tracker = Tracker(self.output_dir, cfg, cfg.wandb, cfg.wandb_project, os.path.basename(self.output_dir),
                                self.total_steps * self.episodes_per_step,
-                               (self.start_step - 1) * self.episodes_per_step)
+                               (self.start_step - 1) * self.episodes_per_step,
+                               resumed_step=self.start_step - 1 if checkpoint else None)
+        # after the engine and wandb, which seed or draw from the global generators: the resumed run's dropout masks
+        # are the uninterrupted run's
+        if saved_rng:
+            set_rng_state(saved_rng)
+        self.step, self.snapshot = None, None  # the step running, and the data position and RNG at its start
+        self.skipped_steps, self.skipped_in_a_row = 0, 0
+        # Ctrl-C and SIGTERM (a scheduler's preemption) finish the current step, save and exit: see steps()
+        self.stop_signal, self.previous_handlers, self.closed = None, {}, False
+        if threading.current_thread() is threading.main_thread():
+            self.previous_handlers = {s: signal.signal(s, self._on_signal) for s in SIGNALS}
+
+    def _on_signal(self, signum, frame):
+        name = SIGNALS[signum][0]
+        print(f"\n{name}: stopping after this step ({name} again to abort now)", flush=True)
+        self.stop_signal = signum
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
+    @property
+    def stop_requested(self):
+        """True once Ctrl-C or SIGTERM came: a loop outside steps() (PPO's value initialisation) stops early."""
+        return self.stop_signal is not None
+
+    def close(self):
+        """Restore the signal handlers, finish the metrics (plot, wandb, summary). Safe to call twice."""
+        if self.closed:
+            return
+        self.closed = True
+        for signum, handler in self.previous_handlers.items():
+            signal.signal(signum, handler)
+        self.tracker.close()
+        print(f"run folder: {self.output_dir}")
 
     def _prepare_output_dir(self, checkpoint):
         cfg = self.cfg
@@ -156,12 +221,13 @@ class Run:
                 output_dir = f"{base}-{n}"
         holds_run = os.path.isdir(output_dir) and any(
             f == "metrics.jsonl" or f.startswith("checkpoint-") for f in os.listdir(output_dir))
+        tidy_run_folder(output_dir)
         if holds_run and not checkpoint:
             if not cfg.overwrite:
                 raise UserError(f"--output_dir {output_dir!r} holds another run; pass --resume {output_dir} to "
                                 "continue it, --overwrite to replace it, or choose another --output_dir")
             for f in os.listdir(output_dir):
-                if f in ("metrics.jsonl", "metrics.png", "wandb") or f.startswith("checkpoint-"):
+                if f in ("metrics.png", "wandb") or f.startswith(("checkpoint-", "metrics.jsonl")):
                     path = os.path.join(output_dir, f)
                     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         os.makedirs(output_dir, exist_ok=True)
@@ -170,31 +236,34 @@ class Run:
     # --- the loop -------------------------------------------------------------------------------------
 
     def steps(self):
-        """Yield step numbers; checkpoint every save_every steps and at the end. Ctrl-C finishes the current
-        step, saves a checkpoint and exits with status 130; a second Ctrl-C aborts at once."""
-        stop = []
-
-        def on_interrupt(signum, frame):
-            print("\nCtrl-C: stopping after this step (Ctrl-C again to abort now)", flush=True)
-            stop.append(signum)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-
-        in_main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, on_interrupt) if in_main_thread else None
+        """Yield step numbers; checkpoint every save_every steps and at the end. Ctrl-C or SIGTERM finishes the
+        current step, saves a checkpoint and exits with status 130 or 143; a second one aborts at once.
+        max_skipped_steps non-finite steps in a row (see update) stop the run with status 2."""
+        cfg = self.cfg
         try:
             for step in range(self.start_step, self.total_steps + 1):
+                if self.stop_requested:  # came before the first step (PPO's value initialisation): nothing to save
+                    name, status = SIGNALS[self.stop_signal]
+                    print(f"{name}: stopped before step {step}; nothing new to save")
+                    raise SystemExit(status)
                 self.times = {"step_start": time.perf_counter()}
+                self.step, self.snapshot, self.stepped = step, {"data": self.prompts.state(), "rng": rng_state()}, False
                 yield step
-                if stop or step % self.cfg.save_every == 0 or step == self.total_steps:
+                stop = self.stop_requested or self.skipped_in_a_row >= cfg.max_skipped_steps
+                if stop or step % cfg.save_every == 0 or step == self.total_steps:
                     saved = self.save(step)
-                if stop:
-                    print(f"interrupted: saved {saved}; continue with --resume {self.output_dir}")
-                    raise SystemExit(130)
+                if self.skipped_in_a_row >= cfg.max_skipped_steps:
+                    raise UserError(f"{self.skipped_in_a_row} steps in a row had a non-finite loss or gradient (the "
+                                    f"last: step {step}), so the run stops (--max_skipped_steps {cfg.max_skipped_steps}); "
+                                    f"{saved} holds the weights of the last finite step. Lower --learning_rate or "
+                                    f"check the reward's scale, then --resume {self.output_dir}")
+                if self.stop_requested:
+                    name, status = SIGNALS[self.stop_signal]
+                    print(f"{name}: saved {saved}; continue with --resume {self.output_dir}")
+                    raise SystemExit(status)
+            self.step = None
         finally:
-            if in_main_thread:
-                signal.signal(signal.SIGINT, previous)
-            self.tracker.close()
-            print(f"run folder: {self.output_dir}")
+            self.close()
 
     def register(self, name, module):
         """Checkpoint `module` (e.g. a value head) with the run, and restore it now if resuming."""
@@ -203,15 +272,49 @@ class Run:
             module.load_state_dict(self.saved_modules[name])
         return module
 
-    def save(self, step):
-        progress = {"step": step, "episodes": step * self.episodes_per_step, "data": self.prompts.state()}
+    def save(self, step, snapshot=None):
+        """checkpoint-<step> of the current weights, optimizer and scheduler; the data position and RNG are the
+        current ones, or those of `snapshot` (taken at the start of step + 1, see failed())."""
+        snapshot = snapshot or {"data": self.prompts.state(), "rng": rng_state()}
+        for name, p in self.policy.named_parameters():
+            if p.requires_grad and not torch.isfinite(p).all():  # update() never lets this happen; never save it
+                raise RuntimeError(f"refusing to save non-finite weights ({name})")
+        progress = {"step": step, "episodes": step * self.episodes_per_step, "data": snapshot["data"]}
         return save_checkpoint(self.output_dir, step, self.policy, self.optimizer, self.scheduler, progress,
-                               self.extra_modules)
+                               self.extra_modules, snapshot["rng"], as_dict(self.cfg), self.cfg.save_total_limit)
+
+    def failed(self):
+        """Save the last completed step for a run about to stop in the middle of step self.step; says what was kept."""
+        resume = f"continue with --resume {self.output_dir}"
+        if self.step is None or self.step == 1:
+            self.close()
+            return "No step was completed, so nothing was saved"
+        last = self.step - 1
+        path = os.path.join(self.output_dir, f"checkpoint-{last}")
+        if self.stepped:  # this step already changed the weights: they are not step `last`'s any more
+            self.close()
+            return f"The newest checkpoint in {self.output_dir} holds the last saved state; {resume}"
+        if not os.path.exists(path):
+            path = self.save(last, self.snapshot)
+        self.close()
+        return f"Saved the last completed step in {path}; {resume}"
 
     @contextmanager
     def timed(self, name):
+        """Time a phase of the step into self.times[name]. Out of memory inside it stops the run with one sentence
+        naming the phase and the field to lower, after saving the last completed step (see failed())."""
         start = time.perf_counter()
-        yield
+        try:
+            yield
+        except torch.OutOfMemoryError:
+            self.optimizer.zero_grad(set_to_none=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            phase, fields = ("generation", "--vllm_gpu_memory or --max_new_tokens") \
+                if name in ("time_generate", "time_eval") else ("reward", "--vllm_gpu_memory (the engine's share)") \
+                if name == "time_score" else ("training", "--micro_batch_tokens or --max_new_tokens")
+            raise UserError(f"out of memory in {phase} ({name}) at step {self.step}: lower {fields}. "
+                            + self.failed()) from None
         self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
 
     def generate(self, prompts, n, seed, with_greedy=False):
@@ -235,9 +338,15 @@ class Run:
             return self._rewards(prompts, completions)
 
     def _rewards(self, prompts, completions):
+        """A reward function that raises, hangs or returns a bad value stops the run (one sentence) after saving the
+        last completed step."""
         rows = [prompts[c.prompt_index] for c in completions]
         fields = {k: [r["fields"][k] for r in rows] for k in rows[0]["fields"]} if rows else {}
-        return self.rewards([r["text"] for r in rows], [c.text for c in completions], fields)
+        try:
+            return self.rewards([r["text"] for r in rows], [c.text for c in completions], fields)
+        except UserError as e:
+            message, _, frames = str(e).partition("\n")
+            raise UserError(f"{message}. {self.failed()}" + (f"\n{frames}" if frames else "")) from None
 
     def batch(self, prompts, completions, keep=None, **per_sample):
         """A Batch of the kept completions with their prompts and any (N,) or (N, ...) per-sample tensors."""
@@ -329,9 +438,11 @@ class Run:
                 for idx in batches:
                     mb = batch.select(idx, device())
                     observe(idx, mb, self.logprobs(mb, sampling=True))
+        skipped = False
         with self.timed("time_train"):
             move_optimizer_state(self.optimizer, device())
             for epoch in range(epochs):
+                epoch_loss = 0.0
                 for idx in batches:
                     mb = batch.select(idx, device())
                     out = self.logprobs(mb, temperature, sampling=epoch == 0 and not separate)
@@ -341,18 +452,33 @@ class Run:
                         mb.old_logprobs, mb.is_weights = observe(idx, mb, out)
                     loss, stats = loss_fn(out["logprobs"], out["entropy"], mb)
                     loss.backward()
-                    loss_sum += loss.item() / epochs
+                    epoch_loss += loss.item()
                     stats["entropy"] = (out["entropy"] * out["mask"]).sum().item() / max(n_tokens, 1)
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + float(v) * n_tokens
+                loss_sum += epoch_loss / epochs
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     [p for p in self.policy.parameters() if p.requires_grad], self.cfg.max_grad_norm)
+                if not (math.isfinite(epoch_loss) and torch.isfinite(grad_norm)):  # never learn from it
+                    self.optimizer.zero_grad(set_to_none=True)
+                    skipped = True
+                    break
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                self.stepped = self.engine_stale = True
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
+        self.skipped_steps += skipped
+        if skipped:
+            what = "this step's optimizer step and weight push" if not self.stepped else \
+                f"the optimizer steps from epoch {epoch + 1} of {epochs} on"
+            print(f"warning: step {self.step}: loss {epoch_loss:.4g}, gradient norm {grad_norm.item():.4g}; skipped "
+                  f"{what} ({self.skipped_in_a_row} in a row; the run stops at --max_skipped_steps "
+                  f"{cfg.max_skipped_steps})", file=sys.stderr, flush=True)
         stats = {k: v / (tokens * epochs) for k, v in sums.items()}
         trained_tokens = epochs * sum(len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids))
-        stats.update(loss=loss_sum, grad_norm=grad_norm.item(), padding_fraction=pad, micro_batches=len(batches),
+        stats.update(loss=loss_sum, grad_norm=grad_norm.item(), skipped_steps=self.skipped_steps,
+                     padding_fraction=pad, micro_batches=len(batches),
                      logprob_diff=sampler["canary"] / max(sampler["canary_tokens"], 1),
                      is_ratio_mean=sampler["ratio"] / max(tokens, 1), is_ratio_max=sampler["ratio_max"], is_clipped_fraction=sampler["clipped"] / max(tokens, 1),
                      lr=self.scheduler.get_last_lr()[0],
@@ -366,6 +492,9 @@ class Run:
         auto outside float32) the adapter's A and B alone, served by vLLM's LoRA kernels (docs/performance.md)."""
         from peft import get_peft_model_state_dict
 
+        if not self.engine_stale:  # no optimizer step since the last push (a skipped step, an empty sparse batch)
+            return
+        self.engine_stale = False
         with self.timed("time_sync"):
             if self.weight_sync == "lora":
                 adapter = get_peft_model_state_dict(self.policy)

@@ -1,10 +1,15 @@
 """Metrics: one JSON line per step in <output_dir>/metrics.jsonl, the same numbers in wandb, a tqdm bar,
 and at the end a PNG of reward and response length per step."""
 
+import itertools
 import json
 import math
 import os
+import secrets
+import string
 import sys
+
+from nanorlhf.config import as_dict
 
 PLOTTED = ("reward_mean", "response_length_mean", "eval_reward_mean", "eval_response_length_mean")
 
@@ -28,11 +33,17 @@ def _clean(value):
 
 
 class Tracker:
-    def __init__(self, output_dir, config, use_wandb, project, run_name, total_episodes, episodes_done=0):
+    """`resumed_step`: the step of the checkpoint a resumed run continues from (None for a new run); the rows logged
+    after it by the run that died are moved aside (set_aside_metrics) and wandb continues the same run."""
+
+    def __init__(self, output_dir, config, use_wandb, project, run_name, total_episodes, episodes_done=0,
+                 resumed_step=None):
         from tqdm.auto import tqdm
 
-        self.output_dir = output_dir
+        self.output_dir, self.closed = output_dir, False
         self.path = os.path.join(output_dir, "metrics.jsonl")
+        if resumed_step is not None:
+            set_aside_metrics(self.path, resumed_step)
         self.wandb = None
         if use_wandb:
             import wandb
@@ -41,20 +52,24 @@ class Tracker:
             if mode == "offline":
                 print(f"wandb: no credentials found, logging offline to {output_dir}/wandb "
                       "(`wandb login` to go online, `wandb sync` to upload this run)", file=sys.stderr)
-            self.wandb = wandb.init(project=project, name=run_name, dir=output_dir, mode=mode,
-                                    config={k: v for k, v in vars(config).items() if k != "explicit"})
+            self.wandb = wandb.init(project=project, name=run_name, dir=output_dir, mode=mode, config=as_dict(config),
+                                    id=_wandb_run_id(output_dir), resume="allow")
         self.bar = tqdm(total=total_episodes, initial=episodes_done, unit="episode", dynamic_ncols=True)
 
     def log(self, metrics):
         metrics = {k: _clean(v) for k, v in metrics.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
-        if self.wandb is not None:
+        # wandb's steps only go forward: a step the dead run had already sent keeps the values sent then
+        if self.wandb is not None and metrics["step"] >= self.wandb.step:
             self.wandb.log(metrics, step=metrics["step"])
         self.bar.update(metrics["episodes"] - self.bar.n)
-        self.bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=metrics.get("kl"), refresh=False)
+        self.bar.set_postfix(reward=_short(metrics["reward_mean"]), kl=_short(metrics.get("kl")), refresh=False)
 
     def close(self):
+        if self.closed:
+            return
+        self.closed = True
         self.bar.close()
         png = plot_metrics(self.path, os.path.join(self.output_dir, "metrics.png"))
         if self.wandb is not None:
@@ -68,8 +83,48 @@ class Tracker:
             print(summary)
 
 
+def _short(value):
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+def _wandb_run_id(output_dir):
+    """The run folder's wandb id (in wandb/nanorlhf-run-id), made on the first call: a resumed run logs to the same
+    wandb run."""
+    path = os.path.join(output_dir, "wandb", "nanorlhf-run-id")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:  # wandb's id alphabet; `secrets`, not the run's seeded generators
+            f.write("".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8)))
+    with open(path) as f:
+        return f.read().strip()
+
+
+def set_aside_metrics(path, step):
+    """Keep the rows of steps <= step in metrics.jsonl; the later ones (logged by a run that died after its last
+    checkpoint) move to metrics.jsonl.after-<step>, not deleted. Returns how many moved."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    later = [line for line in lines if json.loads(line)["step"] > step]
+    if later:
+        aside = f"{path}.after-{step}"
+        for n in itertools.count(2):
+            if not os.path.exists(aside):
+                break
+            aside = f"{path}.after-{step}-{n}"
+        with open(aside, "w") as f:
+            f.writelines(later)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(line for line in lines if json.loads(line)["step"] <= step)
+        os.replace(tmp, path)
+    return len(later)
+
+
 def reward_summary(rows):
     """One line: mean reward over the first and the last quarter of the steps (None under 4 steps)."""
+    rows = [r for r in rows if r.get("reward_mean") is not None]  # a non-finite reward is logged as null
     if len(rows) < 4:
         return None
     quarter = len(rows) // 4

@@ -176,7 +176,7 @@ def test_critic_is_checkpointed_and_restored(tiny_model, tmp_path):
     torch.manual_seed(1)  # a different fresh head, as in a new process
     policy2, critic2 = make_critic(tiny_model)
     optimizer2 = torch.optim.AdamW([p for p in policy2.parameters() if p.requires_grad])
-    _, modules = load_checkpoint(saved, policy2, optimizer2, cosine_schedule(optimizer2, 10))
+    _, modules, _ = load_checkpoint(saved, policy2, optimizer2, cosine_schedule(optimizer2, 10))
     for name, part in critic2.checkpointed().items():  # what run.register does on resume
         part.load_state_dict(modules[name])
     assert torch.equal(critic2.predict(batch, micro_batches), critic.predict(batch, micro_batches))

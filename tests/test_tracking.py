@@ -10,6 +10,8 @@ def test_reward_summary_compares_first_and_last_quarter():
     # quarters of 8 steps are 2 steps: (0.1 + 0.3) / 2 = 0.2 and (0.6 + 0.8) / 2 = 0.7
     assert reward_summary(rows) == "reward_mean: 0.200 over the first quarter of the 8 steps -> 0.700 over the last quarter"
     assert reward_summary(rows[:3]) is None  # too short to have quarters
+    # steps whose reward was not finite (logged as null) are left out
+    assert reward_summary(rows[:4] + [{"step": 9, "reward_mean": None}]) == reward_summary(rows[:4])
 
 
 def test_read_metrics_keeps_the_last_line_of_a_step_logged_twice(tmp_path):
