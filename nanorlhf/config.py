@@ -56,6 +56,10 @@ class RunConfig:
     save_total_limit: int = 3  # newest checkpoints kept in the run folder (0 = all)
     max_skipped_steps: int = 3  # stop after this many steps in a row with a non-finite loss or gradient
     reward_timeout: float = 600.0  # seconds one call of a reward function may take (0 = no limit)
+    warmup_steps: float = 0.0  # optimizer steps of linear warmup before the cosine decay; below 1: a fraction of them
+    system_prompt: str = ""  # a system message put before every prompt (through the chat template)
+    chat_template_kwargs: str = ""  # JSON object passed to the chat template, e.g. '{"enable_thinking": false}'
+    samples_every: int = 10  # log a table of prompts, completions and rewards every N steps (0 = never)
 
 
 def as_dict(config):

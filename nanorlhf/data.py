@@ -5,6 +5,7 @@ or an Anthropic/hh-rlhf dialogue ("\\n\\nHuman: ...\\n\\nAssistant: ..."), which
 up to the last "Assistant:" turn. The tokenizer's chat template then renders the generation prompt.
 """
 
+import json
 import os
 import re
 
@@ -59,15 +60,32 @@ def prompt_text(messages):
     return "\n\n".join(f"{names.get(m['role'], m['role'])}: {m['content']}" for m in messages)
 
 
+def template_kwargs(text):
+    """--chat_template_kwargs: a JSON object ("" = none) -> dict of variables for the chat template."""
+    try:
+        kwargs = json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        kwargs = None
+    if not isinstance(kwargs, dict):
+        raise UserError(f"--chat_template_kwargs takes a JSON object such as '{{\"enable_thinking\": false}}', "
+                        f"got {text!r}")
+    return kwargs
+
+
 class PromptStream:
     """Endless shuffled pass over the dataset (a new order each epoch), tokenizing prompts as they are taken.
 
-    Prompts are rendered with the tokenizer's chat template, or with `template` (a str.format pattern with
-    a {prompt} slot) when given. Prompts longer than `max_prompt_tokens` are skipped and counted (`skipped`). `state()` /
+    Prompts are rendered with the tokenizer's chat template (after `system_prompt` as a system message unless the row
+    has its own, with `template_kwargs` as template variables), or with `template` (a str.format pattern with a
+    {prompt} slot) when given. The reward functions see the prompt without the system message. Prompts longer than `max_prompt_tokens` are skipped and counted (`skipped`). `state()` /
     `load_state()` give the exact position, so a resumed run takes the same prompts it would have.
     """
 
-    def __init__(self, rows, tokenizer, prompt_field, max_prompt_tokens, seed, template=""):
+    def __init__(self, rows, tokenizer, prompt_field, max_prompt_tokens, seed, template="", system_prompt="",
+                 template_kwargs=None):
+        if template and (system_prompt or template_kwargs):
+            raise UserError("--system_prompt and --chat_template_kwargs apply through the chat template, which "
+                            "--prompt_template replaces: write the system text into the template instead")
         if prompt_field not in rows.column_names:
             raise UserError(f"--prompt_field {prompt_field!r} is not a column of the dataset "
                             f"(columns: {', '.join(rows.column_names)})")
@@ -75,6 +93,7 @@ class PromptStream:
             raise UserError("--dataset has no rows")
         self.rows, self.tokenizer, self.prompt_field = rows, tokenizer, prompt_field
         self.max_prompt_tokens, self.seed, self.template = max_prompt_tokens, seed, template
+        self.system_prompt, self.template_kwargs = system_prompt, template_kwargs or {}
         self.epoch, self.cursor, self.skipped, self.taken = 0, 0, 0, 0
         self._order = None
 
@@ -95,7 +114,10 @@ class PromptStream:
             if self.template:  # a plain-text prompt for base models, e.g. R1-Zero's "...User: {prompt}\nAssistant:"
                 rendered = self.template.format(prompt=prompt_text(messages))
             else:
-                rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                system = [{"role": "system", "content": self.system_prompt}] \
+                    if self.system_prompt and messages[0]["role"] != "system" else []
+                rendered = self.tokenizer.apply_chat_template(system + messages, add_generation_prompt=True,
+                                                              tokenize=False, **self.template_kwargs)
             token_ids = self.tokenizer(rendered, add_special_tokens=False).input_ids
             if len(token_ids) > self.max_prompt_tokens:
                 self.skipped += 1

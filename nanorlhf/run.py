@@ -6,10 +6,12 @@ module reads them directly: cfg.model, cfg.dataset, cfg.group_size, cfg.micro_ba
 """
 
 import itertools
+import json
 import math
 import os
 import random
 import shutil
+import shlex
 import signal
 import sys
 import threading
@@ -22,7 +24,7 @@ import torch
 from nanorlhf.checkpoint import (find_checkpoint, load_checkpoint, rng_state, save_checkpoint, saved_config,
                                  set_aside_later_checkpoints, set_rng_state, tidy_run_folder)
 from nanorlhf.config import as_dict
-from nanorlhf.data import PromptStream, load_rows
+from nanorlhf.data import PromptStream, load_rows, template_kwargs
 from nanorlhf.engine import RolloutEngine, engine_lora_rank
 from nanorlhf.errors import UserError
 from nanorlhf.logprobs import IS_MODES, completion_logprobs, importance_weights, padding_fraction, token_budget_batches
@@ -76,11 +78,32 @@ def resume_changes(saved, current):
     return [f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()]
 
 
-def cosine_schedule(optimizer, total_steps, floor=0.1):
-    """Learning rate decays from its peak to floor x peak along a half cosine."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda t: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t / max(total_steps, 1), 1.0)))
-    )
+def samples(prompts, completions, rewards, parts, count=4):
+    """Rows of the samples table: the first completion of each of the first `count` prompts, with its rewards."""
+    rows, seen = [], set()
+    for i, c in enumerate(completions):
+        if c.prompt_index in seen or len(seen) == count:
+            continue
+        seen.add(c.prompt_index)
+        rows.append({"prompt": prompts[c.prompt_index]["text"], "completion": c.text, "reward": rewards[i].item(),
+                     **{f"reward_{name}": values[i].item() for name, values in parts.items()},
+                     "length": len(c.token_ids), "truncated": bool(c.truncated)})
+    return rows
+
+
+def cosine_schedule(optimizer, total_steps, floor=0.1, warmup_steps=0):
+    """Learning rate rises linearly to its peak over `warmup_steps` optimizer steps (the first at peak / warmup_steps),
+    then decays to floor x peak along a half cosine over the remaining steps. warmup_steps below 1 is a fraction of
+    total_steps (as in transformers 5)."""
+    warmup = round(warmup_steps * total_steps) if 0 < warmup_steps < 1 else int(warmup_steps)
+
+    def factor(t):
+        if t < warmup:
+            return (t + 1) / warmup
+        progress = min((t - warmup) / max(total_steps - warmup, 1), 1.0)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class Run:
@@ -107,6 +130,9 @@ class Run:
         self.weight_sync = cfg.weight_sync if cfg.weight_sync != "auto" else \
             "merged" if cfg.dtype == "float32" else "lora"
         max_lora_rank = engine_lora_rank(cfg.lora_r) if self.weight_sync == "lora" else 0
+        if cfg.warmup_steps < 0 or cfg.samples_every < 0:
+            raise UserError(f"--warmup_steps and --samples_every must be 0 or more, got {cfg.warmup_steps} and "
+                            f"{cfg.samples_every}")
         if cfg.save_total_limit < 0 or cfg.max_skipped_steps < 1:
             raise UserError("--save_total_limit must be 0 (keep all) or more and --max_skipped_steps at least 1, got "
                             f"{cfg.save_total_limit} and {cfg.max_skipped_steps}")
@@ -135,13 +161,14 @@ class Run:
         self.rewards = build_rewards(resolve(reward_model) if reward_model != "none" else "", cfg.reward_fn,
                                      cfg.reward_weights, cfg.reward_timeout)
         template = getattr(cfg, "prompt_template", "")
+        chat = dict(system_prompt=cfg.system_prompt, template_kwargs=template_kwargs(cfg.chat_template_kwargs))
         self.prompts = PromptStream(load_rows(resolve(cfg.dataset)), self.tokenizer, cfg.prompt_field,
-                                    cfg.max_prompt_tokens, cfg.seed, template)
+                                    cfg.max_prompt_tokens, cfg.seed, template, **chat)
         self.eval_prompts = []  # scripts whose Config has eval_* fields get a greedy evaluation every eval_every steps
         if getattr(cfg, "eval_every", 0) > 0:
             eval_rows = load_rows(resolve(cfg.eval_dataset), cfg.eval_split)
             eval_stream = PromptStream(eval_rows, self.tokenizer, cfg.eval_prompt_field, cfg.max_prompt_tokens, 0,
-                                       template)
+                                       template, **chat)
             self.eval_prompts = eval_stream.next(min(cfg.eval_limit, len(eval_rows)))
         checkpoint = find_checkpoint(cfg.resume) if cfg.resume else None
         changes = resume_changes(saved_config(checkpoint), as_dict(cfg)) if checkpoint else []
@@ -151,7 +178,8 @@ class Run:
                                   cfg.dtype, cfg.gradient_checkpointing)
         self.optimizer = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad],
                                            lr=cfg.learning_rate, weight_decay=0.0)
-        self.scheduler = cosine_schedule(self.optimizer, self.total_steps * getattr(cfg, "ppo_epochs", 1))
+        self.scheduler = cosine_schedule(self.optimizer, self.total_steps * getattr(cfg, "ppo_epochs", 1),
+                                         warmup_steps=cfg.warmup_steps)
         self.extra_modules, self.saved_modules = {}, {}  # see register()
         self.start_step, saved_rng = 1, None
         if checkpoint:
@@ -180,7 +208,7 @@ class Run:
         # are the uninterrupted run's
         if saved_rng:
             set_rng_state(saved_rng)
-        self.step, self.snapshot = None, None  # the step running, and the data position and RNG at its start
+        self.step, self.snapshot, self.scored = None, None, None  # the step running, its start's data position and RNG
         self.skipped_steps, self.skipped_in_a_row = 0, 0
         # Ctrl-C and SIGTERM (a scheduler's preemption) finish the current step, save and exit: see steps()
         self.stop_signal, self.previous_handlers, self.closed = None, {}, False
@@ -227,10 +255,16 @@ class Run:
                 raise UserError(f"--output_dir {output_dir!r} holds another run; pass --resume {output_dir} to "
                                 "continue it, --overwrite to replace it, or choose another --output_dir")
             for f in os.listdir(output_dir):
-                if f in ("metrics.png", "wandb") or f.startswith(("checkpoint-", "metrics.jsonl")):
+                if f in ("metrics.png", "wandb", "command.txt", "samples.jsonl") or \
+                        f.startswith(("checkpoint-", "metrics.jsonl")):
                     path = os.path.join(output_dir, f)
                     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         os.makedirs(output_dir, exist_ok=True)
+        # the run's settings, so that it can be repeated from its folder: every field, and each command that ran in it
+        with open(os.path.join(output_dir, "config.json"), "w") as f:
+            json.dump(as_dict(cfg), f, indent=1)
+        with open(os.path.join(output_dir, "command.txt"), "a") as f:
+            f.write(shlex.join([os.path.basename(sys.executable), *sys.argv]) + "\n")
         return output_dir
 
     # --- the loop -------------------------------------------------------------------------------------
@@ -248,6 +282,7 @@ class Run:
                     raise SystemExit(status)
                 self.times = {"step_start": time.perf_counter()}
                 self.step, self.snapshot, self.stepped = step, {"data": self.prompts.state(), "rng": rng_state()}, False
+                self.scored = None  # the step's first scored batch, for the samples table (see log)
                 yield step
                 stop = self.stop_requested or self.skipped_in_a_row >= cfg.max_skipped_steps
                 if stop or step % cfg.save_every == 0 or step == self.total_steps:
@@ -335,7 +370,10 @@ class Run:
     def score(self, prompts, completions):
         """(rewards (N,), {reward name: (N,)}) for the completions of `prompts` (prompt-major)."""
         with self.timed("time_score"):
-            return self._rewards(prompts, completions)
+            rewards, parts = self._rewards(prompts, completions)
+        if self.step is not None and self.scored is None:
+            self.scored = prompts, completions, rewards, parts
+        return rewards, parts
 
     def _rewards(self, prompts, completions):
         """A reward function that raises, hangs or returns a bad value stops the run (one sentence) after saving the
@@ -541,4 +579,6 @@ class Run:
             **metrics,
         }
         self.tracker.log(row)
+        if self.cfg.samples_every and self.scored and (step == 1 or step % self.cfg.samples_every == 0):
+            self.tracker.log_samples(step, samples(*self.scored))
         return row

@@ -42,8 +42,10 @@ class Tracker:
 
         self.output_dir, self.closed = output_dir, False
         self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.samples_path = os.path.join(output_dir, "samples.jsonl")
         if resumed_step is not None:
             set_aside_metrics(self.path, resumed_step)
+            set_aside_metrics(self.samples_path, resumed_step)
         self.wandb = None
         if use_wandb:
             import wandb
@@ -65,6 +67,18 @@ class Tracker:
             self.wandb.log(metrics, step=metrics["step"])
         self.bar.update(metrics["episodes"] - self.bar.n)
         self.bar.set_postfix(reward=_short(metrics["reward_mean"]), kl=_short(metrics.get("kl")), refresh=False)
+
+    def log_samples(self, step, rows):
+        """A few prompts, completions and rewards: appended to samples.jsonl, and a wandb.Table named `samples`."""
+        rows = [{"step": step, **{k: _clean(v) for k, v in row.items()}} for row in rows]
+        with open(self.samples_path, "a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        if self.wandb is not None and rows and step >= self.wandb.step:
+            import wandb
+
+            columns = list(rows[0])
+            self.wandb.log({"samples": wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])},
+                           step=step)
 
     def close(self):
         if self.closed:

@@ -175,3 +175,19 @@ def test_whitening_defaults():
     assert rloo.Config.whiten_advantages is False and remax.Config.whiten_advantages is False
     assert reinforce.Config.whiten_advantages is True
     assert rloo.Config.sparse is True
+
+
+def test_warmup_then_cosine_schedule_by_hand():
+    from nanorlhf.run import cosine_schedule
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = cosine_schedule(optimizer, total_steps=6, floor=0.1, warmup_steps=2)
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    # warmup: 1/2, 2/2; then the half cosine over the 4 remaining steps: 0.1 + 0.9 * (1 + cos(pi * k / 4)) / 2
+    assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.1 + 0.45 * (1 + 0.5 ** 0.5), 0.55, 0.1 + 0.45 * (1 - 0.5 ** 0.5)])
+    ratio = cosine_schedule(optimizer, total_steps=10, warmup_steps=0.2)  # below 1: a fraction of the steps
+    assert [ratio.lr_lambdas[0](t) for t in (0, 1, 2)] == pytest.approx([0.5, 1.0, 1.0])

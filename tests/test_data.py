@@ -54,3 +54,26 @@ def test_dataset_errors(tmp_path, tokenizer):
     long_only = load_rows(write_jsonl(tmp_path / "long.jsonl", [{"prompt": "x " * 500}]))
     with pytest.raises(UserError, match="longer than 8 tokens"):
         PromptStream(long_only, tokenizer, "prompt", 8, 0).next(1)
+
+
+def test_system_prompt_and_chat_template_kwargs_reach_the_template(tmp_path):
+    import datasets
+
+    from nanorlhf.data import template_kwargs
+    from nanorlhf.tiny import build_policy_at_shape
+
+    tokenizer = AutoTokenizer.from_pretrained(build_policy_at_shape(str(tmp_path / "m"), 64, 1, 512))
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+                               "{% if enable_thinking is defined and not enable_thinking %}<nothink>{% endif %}")
+    rows = datasets.Dataset.from_list([{"prompt": "2+2"}])
+    stream = PromptStream(rows, tokenizer, "prompt", 100, 0, system_prompt="Be brief.",
+                          template_kwargs=template_kwargs('{"enable_thinking": false}'))
+    prompt = stream.next(1)[0]
+    assert tokenizer.decode(prompt["token_ids"]) == "<system>Be brief.<user>2+2<nothink>"
+    assert prompt["text"] == "2+2"  # the rewards see the user's prompt, not the system message
+    plain = PromptStream(rows, tokenizer, "prompt", 100, 0).next(1)[0]
+    assert tokenizer.decode(plain["token_ids"]) == "<user>2+2"
+    with pytest.raises(UserError, match="--chat_template_kwargs takes a JSON object"):
+        template_kwargs("enable_thinking=false")
+    with pytest.raises(UserError, match="--prompt_template replaces"):
+        PromptStream(rows, tokenizer, "prompt", 100, 0, "Q: {prompt}", system_prompt="Be brief.")

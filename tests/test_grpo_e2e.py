@@ -52,6 +52,19 @@ def test_demo_run_logs_contract_metrics(reference_run):
     assert {"checkpoint-4", "checkpoint-8"} <= set(os.listdir(reference_run))
 
 
+def test_run_folder_holds_its_config_command_and_samples(reference_run):
+    with open(os.path.join(reference_run, "config.json")) as f:
+        config = json.load(f)
+    assert config["prompts_per_step"] == 16 and config["lora_dropout"] == 0.05 and config["output_dir"] == reference_run
+    command = open(os.path.join(reference_run, "command.txt")).read()
+    assert "grpo.py --demo --total_episodes 1024" in command and command.count("\n") == 1
+    with open(os.path.join(reference_run, "samples.jsonl")) as f:
+        samples = [json.loads(line) for line in f]
+    assert [s["step"] for s in samples] == [1] * 4  # step 1, then every samples_every (10) steps
+    assert {"prompt", "completion", "reward", "reward_addition_reward", "length", "truncated"} <= set(samples[0])
+    assert all(s["reward"] == s["reward_addition_reward"] for s in samples)
+
+
 def test_output_dir_of_another_run_is_refused_and_left_intact(reference_run):
     before = open(os.path.join(reference_run, "metrics.jsonl")).read()
     result = run_script(*SHORT, "--output_dir", reference_run)
