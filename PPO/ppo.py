@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `cd PPO && python ppo.py`
-from nanorlhf import tasks  # noqa: E402
+from nanorlhf import console, tasks  # noqa: E402
 from nanorlhf.config import RunConfig, parse_config  # noqa: E402
 from nanorlhf.errors import UserError, exit_on_user_error  # noqa: E402
 
@@ -209,8 +209,8 @@ def initialise_value_model(run, critic, cfg):
                    "value_loss": stats["value_loss"]}
             log.write(json.dumps(row) + "\n")
             log.flush()
-            print(f"value init {init_step}/{cfg.value_init_steps}: explained variance "
-                  f"{row['explained_variance']:.3f}, value loss {row['value_loss']:.4f}", flush=True)
+            console.say(f"value init {init_step}/{cfg.value_init_steps}: explained variance "
+                        f"{row['explained_variance']:.3f}, value loss {row['value_loss']:.4f}")
 
 
 def main(cfg):

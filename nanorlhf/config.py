@@ -60,6 +60,7 @@ class RunConfig:
     system_prompt: str = ""  # a system message put before every prompt (through the chat template)
     chat_template_kwargs: str = ""  # JSON object passed to the chat template, e.g. '{"enable_thinking": false}'
     samples_every: int = 10  # log a table of prompts, completions and rewards every N steps (0 = never)
+    verbose: bool = False  # show the libraries' output (vLLM, torch, transformers) on the terminal, not only in run.log
 
 
 def as_dict(config):

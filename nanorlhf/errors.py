@@ -2,6 +2,9 @@
 
 import contextlib
 import sys
+import traceback
+
+from nanorlhf import console
 
 
 class UserError(Exception):
@@ -10,9 +13,17 @@ class UserError(Exception):
 
 @contextlib.contextmanager
 def exit_on_user_error():
-    """Wrap a script's main(): a UserError prints `error: <message>` and exits with status 2."""
+    """Wrap a script's main(): a UserError prints `error: <message>` and exits with status 2. Inside it a run may
+    keep library output off the terminal (nanorlhf.console); a crash's traceback goes to run.log and the terminal."""
+    console.allow()
     try:
         yield
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        console.say(f"error: {e}", err=True)
+        console.stop()
         sys.exit(2)
+    except Exception:
+        traceback.print_exc()  # into run.log; the interpreter prints it on the terminal once the console is back
+        raise
+    finally:
+        console.stop()

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from nanorlhf import console
 from nanorlhf.checkpoint import (find_checkpoint, load_checkpoint, rng_state, save_checkpoint, saved_config,
                                  set_aside_later_checkpoints, set_rng_state, tidy_run_folder)
 from nanorlhf.config import as_dict
@@ -111,6 +112,10 @@ class Run:
         from transformers import AutoConfig, AutoTokenizer
 
         self.cfg, self.algo, self.times = cfg, algo, {}
+        console.say(f"{algo}: loading {cfg.model}" + ("" if cfg.verbose else
+                    " (library output goes to run.log in the run folder; --verbose true shows it)"))
+        if not cfg.verbose:
+            console.start()  # see nanorlhf/console.py
         self.episodes_per_step = cfg.prompts_per_step * cfg.group_size
         self.total_steps = cfg.total_episodes // self.episodes_per_step
         if min(cfg.prompts_per_step, cfg.group_size, cfg.max_new_tokens, cfg.micro_batch_tokens) < 1:
@@ -173,6 +178,8 @@ class Run:
         checkpoint = find_checkpoint(cfg.resume) if cfg.resume else None
         changes = resume_changes(saved_config(checkpoint), as_dict(cfg)) if checkpoint else []
         self.output_dir = self._prepare_output_dir(checkpoint)
+        console.attach(self.output_dir)
+        console.say(f"run folder: {self.output_dir}")
 
         self.policy = load_policy(model_name, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
                                   cfg.dtype, cfg.gradient_checkpointing)
@@ -187,12 +194,12 @@ class Run:
                                                                       self.scheduler, device())
             self.start_step = progress["step"] + 1
             self.prompts.load_state(progress["data"])
-            print(f"resumed from {checkpoint}: continuing at step {self.start_step}"
+            console.say(f"resumed from {checkpoint}: continuing at step {self.start_step}"
                   + "".join(f"\n  changed since that checkpoint: {c}" for c in changes))
             in_place = os.path.dirname(os.path.abspath(checkpoint)) == os.path.abspath(self.output_dir)
             aside = set_aside_later_checkpoints(self.output_dir, progress["step"]) if in_place else []
             if aside:
-                print(f"  later checkpoints of the run that died renamed <name>.after-{progress['step']}: "
+                console.say(f"  later checkpoints of the run that died renamed <name>.after-{progress['step']}: "
                       f"{', '.join(aside)}")
         self.engine = RolloutEngine(model_name, self.max_model_len, cfg.dtype, cfg.vllm_gpu_memory, cfg.seed,
                                     max_lora_rank)
@@ -217,7 +224,7 @@ class Run:
 
     def _on_signal(self, signum, frame):
         name = SIGNALS[signum][0]
-        print(f"\n{name}: stopping after this step ({name} again to abort now)", flush=True)
+        console.say(f"\n{name}: stopping after this step ({name} again to abort now)")
         self.stop_signal = signum
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 
@@ -234,7 +241,7 @@ class Run:
         for signum, handler in self.previous_handlers.items():
             signal.signal(signum, handler)
         self.tracker.close()
-        print(f"run folder: {self.output_dir}")
+        console.say(f"run folder: {self.output_dir}")
 
     def _prepare_output_dir(self, checkpoint):
         cfg = self.cfg
@@ -278,7 +285,7 @@ class Run:
             for step in range(self.start_step, self.total_steps + 1):
                 if self.stop_requested:  # came before the first step (PPO's value initialisation): nothing to save
                     name, status = SIGNALS[self.stop_signal]
-                    print(f"{name}: stopped before step {step}; nothing new to save")
+                    console.say(f"{name}: stopped before step {step}; nothing new to save")
                     raise SystemExit(status)
                 self.times = {"step_start": time.perf_counter()}
                 self.step, self.snapshot, self.stepped = step, {"data": self.prompts.state(), "rng": rng_state()}, False
@@ -294,7 +301,7 @@ class Run:
                                     f"check the reward's scale, then --resume {self.output_dir}")
                 if self.stop_requested:
                     name, status = SIGNALS[self.stop_signal]
-                    print(f"{name}: saved {saved}; continue with --resume {self.output_dir}")
+                    console.say(f"{name}: saved {saved}; continue with --resume {self.output_dir}")
                     raise SystemExit(status)
             self.step = None
         finally:
@@ -510,9 +517,9 @@ class Run:
         if skipped:
             what = "this step's optimizer step and weight push" if not self.stepped else \
                 f"the optimizer steps from epoch {epoch + 1} of {epochs} on"
-            print(f"warning: step {self.step}: loss {epoch_loss:.4g}, gradient norm {grad_norm.item():.4g}; skipped "
-                  f"{what} ({self.skipped_in_a_row} in a row; the run stops at --max_skipped_steps "
-                  f"{cfg.max_skipped_steps})", file=sys.stderr, flush=True)
+            console.say(f"warning: step {self.step}: loss {epoch_loss:.4g}, gradient norm {grad_norm.item():.4g}; "
+                        f"skipped {what} ({self.skipped_in_a_row} in a row; the run stops at --max_skipped_steps "
+                        f"{cfg.max_skipped_steps})", err=True)
         stats = {k: v / (tokens * epochs) for k, v in sums.items()}
         trained_tokens = epochs * sum(len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids))
         stats.update(loss=loss_sum, grad_norm=grad_norm.item(), skipped_steps=self.skipped_steps,

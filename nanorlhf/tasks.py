@@ -14,6 +14,8 @@ import re
 import shutil
 import tempfile
 
+from nanorlhf import console
+
 QUESTION = "What is {a} + {b}?"
 
 
@@ -87,10 +89,12 @@ def demo_model(**overrides):
     os.makedirs(cache_dir(), exist_ok=True)
     tmp = tempfile.mkdtemp(dir=cache_dir(), prefix=".building-")
     try:
-        accuracy = _warm_start(tmp, **spec)
+        console.say("demo model: warm-starting the tiny model on addition (once, about 15 s)")
+        steps, accuracy = _warm_start(tmp, **spec)
         with open(os.path.join(tmp, "nanorlhf_warm_start.json"), "w") as f:
             json.dump({**spec, "greedy_accuracy": accuracy}, f)
         os.replace(tmp, path)  # atomic: a concurrent builder either wins or finds it done
+        console.say(f"demo model: warm-started for {steps} steps, greedy accuracy {accuracy:.2f}, saved to {path}")
     except OSError:
         if not os.path.exists(path):
             raise
@@ -151,6 +155,5 @@ def _warm_start(out_dir, hidden_size, num_layers, max_operand, target_accuracy, 
             accuracy = greedy_accuracy()
             if accuracy >= target_accuracy:
                 break
-    print(f"demo model: warm-started for {step} steps, greedy accuracy {accuracy:.2f}, saved to {out_dir}")
     model.save_pretrained(out_dir)
-    return accuracy
+    return step, accuracy

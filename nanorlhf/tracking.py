@@ -7,8 +7,8 @@ import math
 import os
 import secrets
 import string
-import sys
 
+from nanorlhf import console
 from nanorlhf.config import as_dict
 
 PLOTTED = ("reward_mean", "response_length_mean", "eval_reward_mean", "eval_response_length_mean")
@@ -52,11 +52,12 @@ class Tracker:
 
             mode = _wandb_mode()
             if mode == "offline":
-                print(f"wandb: no credentials found, logging offline to {output_dir}/wandb "
-                      "(`wandb login` to go online, `wandb sync` to upload this run)", file=sys.stderr)
+                console.say(f"wandb: no credentials found, logging offline to {output_dir}/wandb "
+                            "(`wandb login` to go online, `wandb sync` to upload this run)", err=True)
             self.wandb = wandb.init(project=project, name=run_name, dir=output_dir, mode=mode, config=as_dict(config),
                                     id=_wandb_run_id(output_dir), resume="allow")
-        self.bar = tqdm(total=total_episodes, initial=episodes_done, unit="episode", dynamic_ncols=True)
+        self.bar = tqdm(total=total_episodes, initial=episodes_done, unit="episode", dynamic_ncols=True,
+                        file=console.terminal())
 
     def log(self, metrics):
         metrics = {k: _clean(v) for k, v in metrics.items()}
@@ -94,7 +95,7 @@ class Tracker:
             self.wandb.finish()
         summary = reward_summary(read_metrics(self.path))
         if summary:
-            print(summary)
+            console.say(summary)
 
 
 def _short(value):

@@ -52,6 +52,16 @@ def test_demo_run_logs_contract_metrics(reference_run):
     assert {"checkpoint-4", "checkpoint-8"} <= set(os.listdir(reference_run))
 
 
+def test_console_shows_a_few_lines_and_the_libraries_go_to_run_log(grpo_demo_run):
+    output_dir, result = grpo_demo_run
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if "episode/s" not in line]  # the bar
+    assert len(lines) <= 10, lines
+    assert not [line for line in lines if "warn" in line.lower() or "loading weights" in line.lower()], lines
+    log = open(os.path.join(output_dir, "run.log")).read()
+    assert "WARNING" in log and "wandb: Run history:" in log  # vLLM's start-up warnings, wandb's own summary
+    assert "reward_mean: " in log and "run folder: " in log  # the lines the user saw are in the log too
+
+
 def test_run_folder_holds_its_config_command_and_samples(reference_run):
     with open(os.path.join(reference_run, "config.json")) as f:
         config = json.load(f)
