@@ -60,6 +60,11 @@ class RunConfig:
     system_prompt: str = ""  # a system message put before every prompt (through the chat template)
     chat_template_kwargs: str = ""  # JSON object passed to the chat template, e.g. '{"enable_thinking": false}'
     samples_every: int = 10  # log a table of prompts, completions and rewards every N steps (0 = never)
+    eval_every: int = 0  # greedy evaluation every N steps, at step 1 and at the last step (0 = none)
+    eval_dataset: str = ""  # evaluation prompts: hub name or local file ("" = eval_split of the training dataset)
+    eval_split: str = "test"  # split of a hub eval dataset
+    eval_prompt_field: str = ""  # prompt column of eval_dataset ("" = prompt_field)
+    eval_limit: int = 200  # evaluate on the first N prompts
     verbose: bool = False  # show the libraries' output (vLLM, torch, transformers) on the terminal, not only in run.log
 
 

@@ -169,10 +169,14 @@ class Run:
         chat = dict(system_prompt=cfg.system_prompt, template_kwargs=template_kwargs(cfg.chat_template_kwargs))
         self.prompts = PromptStream(load_rows(resolve(cfg.dataset)), self.tokenizer, cfg.prompt_field,
                                     cfg.max_prompt_tokens, cfg.seed, template, **chat)
-        self.eval_prompts = []  # scripts whose Config has eval_* fields get a greedy evaluation every eval_every steps
-        if getattr(cfg, "eval_every", 0) > 0:
-            eval_rows = load_rows(resolve(cfg.eval_dataset), cfg.eval_split)
-            eval_stream = PromptStream(eval_rows, self.tokenizer, cfg.eval_prompt_field, cfg.max_prompt_tokens, 0,
+        self.eval_prompts = []  # a greedy evaluation every eval_every steps (see evaluate)
+        if cfg.eval_every > 0:
+            if not cfg.eval_dataset and os.path.exists(resolve(cfg.dataset)):
+                raise UserError(f"--eval_every {cfg.eval_every} with a local --dataset needs --eval_dataset (a file of "
+                                "held-out prompts): a local file has no test split to evaluate on")
+            eval_rows = load_rows(resolve(cfg.eval_dataset or cfg.dataset), cfg.eval_split)
+            eval_stream = PromptStream(eval_rows, self.tokenizer, cfg.eval_prompt_field or cfg.prompt_field,
+                                       cfg.max_prompt_tokens, 0,
                                        template, **chat)
             self.eval_prompts = eval_stream.next(min(cfg.eval_limit, len(eval_rows)))
         checkpoint = find_checkpoint(cfg.resume) if cfg.resume else None
@@ -556,8 +560,9 @@ class Run:
             completions = self.engine.generate([p["token_ids"] for p in self.eval_prompts], 1, 0,
                                                self.cfg.max_new_tokens, greedy=True)
             self.engine.sleep()
-            rewards, _ = self._rewards(self.eval_prompts, completions)  # timed as eval, not as the step's score
+            rewards, parts = self._rewards(self.eval_prompts, completions)  # timed as eval, not as the step's score
         return {"eval_reward_mean": rewards.mean().item(),
+                **{f"eval_reward_{name}": values.mean().item() for name, values in parts.items()},
                 "eval_response_length_mean": float(np.mean([len(c.token_ids) for c in completions]))}
 
     def log(self, step, rewards, completions, **metrics):

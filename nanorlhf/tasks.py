@@ -43,7 +43,10 @@ def addition_reward(prompts, completions, answer, **_):
 DEMO = dict(model="demo:addition", reward_model="none", reward_fn="nanorlhf.tasks:addition_reward",
             dataset="demo:addition-data", prompt_field="prompt", max_prompt_tokens=48, max_new_tokens=8,
             temperature=1.0, top_p=1.0, dtype="float32", lora_r=16, lora_alpha=32, lora_dropout=0.0,
-            gradient_checkpointing=False, micro_batch_tokens=4096)
+            gradient_checkpointing=False, micro_batch_tokens=4096,
+            # greedy accuracy on another sample of sums (operands 0-9: the 100 possible sums all occur in training too,
+            # so this measures how often greedy decoding is right, not generalisation)
+            eval_dataset="demo:addition-eval", eval_split="train", eval_every=10, eval_limit=100)
 
 
 def cache_dir():

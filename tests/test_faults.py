@@ -22,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRPO = os.path.join(ROOT, "GRPO", "grpo.py")
 PPO = os.path.join(ROOT, "PPO", "ppo.py")
 RUN = [*GRPO_SHORT, "--wandb", "false"]  # 8 steps, a checkpoint every 2, dropout on (tests/conftest.py)
+NO_EVAL = [*RUN, "--eval_every", "0"]  # the faulty rewards count their calls: the evaluation's would count too
 NOT_COMPARED = ("time_", "_per_second")  # wall-clock measurements differ between any two runs
 
 FAULTY_REWARDS = '''
@@ -184,7 +185,7 @@ def test_killed_and_interrupted_runs_resume_as_the_same_run(reference_run, tmp_p
 
 def test_reward_that_raises_stops_with_its_frames_after_saving(faulty_rewards, tmp_path):
     output_dir = str(tmp_path / "run")
-    status, out = run(*RUN, "--output_dir", output_dir, "--save_every", "100", "--reward_fn", f"{faulty_rewards}:raises")
+    status, out = run(*NO_EVAL, "--output_dir", output_dir, "--save_every", "100", "--reward_fn", f"{faulty_rewards}:raises")
     assert status == 2
     assert_one_sentence(out, "reward raises raised ValueError: invalid literal for int()", "checkpoint-2",
                         f"--resume {output_dir}", 'faulty.py", line', "in parse", "return int(text)")
@@ -196,7 +197,7 @@ def test_reward_that_raises_stops_with_its_frames_after_saving(faulty_rewards, t
 def test_reward_that_hangs_stops_at_reward_timeout(faulty_rewards, tmp_path):
     output_dir = str(tmp_path / "run")
     started = time.time()
-    status, out = run(*RUN, "--output_dir", output_dir, "--reward_fn", f"{faulty_rewards}:hangs", "--reward_timeout", "3")
+    status, out = run(*NO_EVAL, "--output_dir", output_dir, "--reward_fn", f"{faulty_rewards}:hangs", "--reward_timeout", "3")
     assert status == 2 and time.time() - started < 550  # not the 600 s the function sleeps
     assert_one_sentence(out, "reward hangs did not return within reward_timeout 3 s", "checkpoint-1")
     assert checkpoint_steps(output_dir) == [1]
@@ -204,7 +205,7 @@ def test_reward_that_hangs_stops_at_reward_timeout(faulty_rewards, tmp_path):
 
 def test_reward_that_returns_nan_stops_after_saving(faulty_rewards, tmp_path):
     output_dir = str(tmp_path / "run")
-    status, out = run(*RUN, "--output_dir", output_dir, "--reward_fn", f"{faulty_rewards}:nan")
+    status, out = run(*NO_EVAL, "--output_dir", output_dir, "--reward_fn", f"{faulty_rewards}:nan")
     assert status == 2
     assert_one_sentence(out, "reward nan returned NaN or inf", "checkpoint-1")
     assert checkpoint_steps(output_dir) == [1]
@@ -214,7 +215,7 @@ def test_reward_that_returns_nan_stops_after_saving(faulty_rewards, tmp_path):
 def test_non_finite_steps_are_skipped_then_stop_the_run(faulty_rewards, tmp_path):
     """Step 2's loss is NaN: skipped, the run goes on; steps 4, 5, 6 too: three in a row stop it with status 2."""
     output_dir = str(tmp_path / "run")
-    status, out = run(*RUN, "--output_dir", output_dir, "--reward_fn", f"{faulty_rewards}:overflows")
+    status, out = run(*NO_EVAL, "--output_dir", output_dir, "--reward_fn", f"{faulty_rewards}:overflows")
     assert status == 2, out[-3000:]
     assert_one_sentence(out, "3 steps in a row had a non-finite loss or gradient (the last: step 6)",
                         "checkpoint-6 holds the weights of the last finite step")

@@ -49,6 +49,9 @@ def test_demo_run_logs_contract_metrics(reference_run):
     assert rows[-1]["kl"] > 0  # the policy moved away from the reference
     assert rows[-1]["episodes"] == 1024
     assert os.path.exists(os.path.join(reference_run, "metrics.png"))
+    # the demo's greedy evaluation: at step 1, every eval_every (10) steps and at the last step
+    assert [r["step"] for r in rows if r.get("eval_reward_mean") is not None] == [1, 8]
+    assert rows[0]["eval_reward_mean"] == rows[0]["eval_reward_addition_reward"]  # the accuracy, one reward part
     assert {"checkpoint-4", "checkpoint-8"} <= set(os.listdir(reference_run))
 
 
@@ -91,6 +94,7 @@ def test_output_dir_of_another_run_is_refused_and_left_intact(reference_run):
     (["--prompt_field", "question"], "--prompt_field 'question' is not a column"),
     (["--max_prompt_tokens", "2000"], "exceeds the model's context window"),
     (["--temperature", "0"], "--temperature must be > 0 for training"),
+    (["--eval_dataset", ""], "with a local --dataset needs --eval_dataset"),
 ])
 def test_bad_input_is_one_clear_sentence(tmp_path, args, words):
     """In this process (each is refused before the engine is built): the UserError that the script's
