@@ -1,0 +1,184 @@
+"""Export (python -m nanorlhf.export): the merged model of the GRPO demo run, loaded by transformers and by vLLM from
+the exported folder alone, decodes greedily what the run's trained policy decodes. The README's export tour is run
+here as written (its bash command as a subprocess, its Python blocks in this process)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import nanorlhf.engine  # noqa: F401 - sets vLLM's in-process and CPU KV-cache environment before vllm is imported
+from nanorlhf.errors import UserError, exit_on_user_error
+from nanorlhf.export import check_hub_credentials, main
+from nanorlhf.tasks import QUESTION
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = [QUESTION.format(a=a, b=b) for a, b in [(3, 4), (7, 8), (2, 9), (5, 5), (9, 6), (1, 0)]]
+MAX_NEW_TOKENS = 8  # the demo's max_new_tokens
+
+
+def readme_tour():
+    """The README's export tour: (the bash lines, the Python blocks), from "Data, runs and checkpoints"."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    section = text.split("## Data, runs and checkpoints", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```(\w+)\n(.*?)```", section, re.S)
+    bash = [line.split("#")[0].strip() for lang, code in blocks if lang == "bash" for line in code.splitlines()]
+    return [line for line in bash if line], [code for lang, code in blocks if lang == "python"]
+
+
+@pytest.fixture(scope="module")
+def exported(grpo_demo_run, tmp_path_factory):
+    """(run folder, export folder): the README's command, `runs/<run>` and `exported/` replaced by the test's."""
+    run_folder, _ = grpo_demo_run
+    out_dir = str(tmp_path_factory.mktemp("export") / "exported")
+    bash, _ = readme_tour()
+    command = next(line for line in bash if line.startswith("python -m nanorlhf.export") and "--push" not in line)
+    argv = command.split()[3:]
+    assert argv[0].startswith("runs/") and argv[1] == "exported/"
+    result = subprocess.run([sys.executable, "-m", "nanorlhf.export", run_folder, out_dir], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"to {out_dir}" in result.stdout
+    return run_folder, out_dir
+
+
+@pytest.fixture(scope="module")
+def tour(exported):
+    """Namespace after running the README's Python blocks on the export (the module's one vLLM engine)."""
+    _, out_dir = exported
+    _, python = readme_tour()
+    namespace = {}
+    for code in python:
+        exec(code.replace('"exported/"', repr(out_dir)), namespace)  # noqa: S102 - the README's own code
+    return namespace
+
+
+def test_export_folder_is_a_complete_model(exported):
+    run_folder, out_dir = exported
+    files = set(os.listdir(out_dir))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md"} <= files
+    assert "chat_template.jinja" in files  # transformers 5 keeps the chat template in its own file
+    assert not any(f.startswith("adapter_") for f in files)  # merged, not an adapter
+    card = open(os.path.join(out_dir, "README.md")).read()
+    last = json.loads(open(os.path.join(run_folder, "metrics.jsonl")).read().splitlines()[-1])
+    assert last["step"] == 8
+    assert "step 8, 1024 episodes" in card and f"| reward_mean | {last['reward_mean']:.4g} |" in card
+    assert '"model": "demo:addition"' in card and '"lora_dropout": 0.05' in card
+    assert f"python -m nanorlhf.export {os.path.join(run_folder, 'checkpoint-8')} {out_dir}" in card
+    assert not any(name.startswith(".export-") for name in os.listdir(os.path.dirname(out_dir)))
+    # the trained change is in the weights: LoRA-wrapped linears moved, the (untargeted) embeddings did not
+    from safetensors.torch import load_file
+
+    from nanorlhf.tasks import resolve
+
+    merged = load_file(os.path.join(out_dir, "model.safetensors"))
+    base = load_file(os.path.join(resolve("demo:addition"), "model.safetensors"))
+    assert merged.keys() == base.keys() and all(merged[k].dtype == torch.float32 for k in merged)
+    moved = {k for k in merged if not torch.equal(merged[k], base[k])}
+    assert "model.layers.0.self_attn.q_proj.weight" in moved and "model.embed_tokens.weight" not in moved
+
+
+def trainer_greedy(run_folder, prompt_ids):
+    """Greedy completions of the run's trainer-side policy: base + checkpoint-8's adapter through peft, unmerged."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from nanorlhf.tasks import resolve
+
+    config = json.load(open(os.path.join(run_folder, "checkpoint-8", "config.json")))
+    base = AutoModelForCausalLM.from_pretrained(resolve(config["model"]), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, os.path.join(run_folder, "checkpoint-8")).eval()
+    return [hf_greedy(model, ids) for ids in prompt_ids]
+
+
+@torch.no_grad()
+def hf_greedy(model, ids):
+    out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+def trim(ids, eos):
+    """Completion tokens up to and including the first EOS (transformers pads after it, vLLM stops)."""
+    return ids[: ids.index(eos) + 1] if eos in ids else ids
+
+
+def test_greedy_completions_match_the_runs_policy(exported, tour):
+    """(a) vLLM on the export, (b) transformers on the export and (c) the run's trainer-side policy decode the demo
+    prompts greedily to the same tokens.
+
+    (c) stands in for the run's final engine, which is gone when the run ends: the demo run is float32 with the
+    default `--weight_sync auto` = merged, so after the last step the engine held W + scale B A for every LoRA
+    linear (policy.merged_weights), the same sum merge_and_unload writes into the export, and in float32 that
+    push is exact (docs/performance.md, README "Performance"): the run's logprob_diff canary is ~1e-7. So (a) is
+    the final engine's computation on the final engine's weights, and (c), the same adapter unmerged, is what the
+    canary compared that engine with every step.
+    """
+    from vllm import SamplingParams
+
+    run_folder, out_dir = exported
+    tokenizer, model, llm = tour["tokenizer"], tour["model"], tour["llm"]
+    prompt_ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                tokenize=False) for p in PROMPTS]
+    prompt_ids = [tokenizer(text, add_special_tokens=False).input_ids for text in prompt_ids]  # as data.PromptStream
+
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids],
+                           SamplingParams(temperature=0, max_tokens=MAX_NEW_TOKENS), use_tqdm=False)
+    vllm_export = [list(o.outputs[0].token_ids) for o in outputs]
+    hf_export = [trim(hf_greedy(model.eval(), ids), tokenizer.eos_token_id) for ids in prompt_ids]
+    trainer = [trim(ids, tokenizer.eos_token_id) for ids in trainer_greedy(run_folder, prompt_ids)]
+    assert vllm_export == hf_export == trainer
+    assert len({tuple(c) for c in trainer}) > 1  # not one constant answer
+
+    # the README's own calls (chat template applied by transformers and by vLLM) give the same answers
+    assert tour["answer"] == tokenizer.decode(trainer[0], skip_special_tokens=True)
+    assert tour["vllm_answer"] == tour["answer"]
+
+
+def test_cli_refusals_are_one_sentence(exported, tmp_path, capsys, monkeypatch):
+    """Bad paths and missing hub credentials: exit status 2, one `error:` line, nothing written or modified."""
+    run_folder, out_dir = exported
+    before = sorted(os.listdir(run_folder))
+    for key in [k for k in os.environ if k.startswith("HF_") or k == "HUGGING_FACE_HUB_TOKEN"]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no stored token either
+    cases = [
+        ([str(tmp_path), str(tmp_path / "a")], "is not a checkpoint"),
+        ([run_folder, out_dir], "already exists and is not empty"),
+        ([run_folder, str(tmp_path / "b"), "--push_to_hub", "me/tiny-adder"], "no Hugging Face credentials"),
+        ([run_folder, str(tmp_path / "c"), "--push_to_hub", "not a repo"], "takes a repository id"),
+        ([run_folder], "expected a run or checkpoint folder and an output folder"),
+    ]
+    for argv, words in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            with exit_on_user_error():
+                main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and words in err and err.count("\n") == 1, err
+    assert set(os.listdir(tmp_path)) <= {"hf-home"}  # no export folder was started
+    assert sorted(os.listdir(run_folder)) == before
+    with pytest.raises(UserError, match="no Hugging Face credentials"):  # what run.py can call before a run starts
+        check_hub_credentials("me/tiny-adder")
+
+
+def test_readme_push_command_says_clearly_without_credentials(exported, tmp_path):
+    """The README's --push_to_hub line as a subprocess on the demo run, without credentials: status 2, one
+    sentence, nothing exported (credentials are checked before the model is loaded)."""
+    run_folder, _ = exported
+    bash, _ = readme_tour()
+    command = next(line for line in bash if "--push_to_hub" in line).split()
+    assert command[:3] == ["python", "-m", "nanorlhf.export"] and command[3].startswith("runs/")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and k != "HUGGING_FACE_HUB_TOKEN"}
+    env["HF_HOME"] = str(tmp_path / "hf-home")
+    out_dir = tmp_path / command[4]
+    result = subprocess.run([sys.executable, "-m", "nanorlhf.export", run_folder, str(out_dir), *command[5:]],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: --push_to_hub me/tiny-adder: no Hugging Face credentials")
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+    assert not out_dir.exists()
