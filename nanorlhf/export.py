@@ -90,7 +90,11 @@ def export(checkpoint, out_dir, push_to_hub="", algorithm=""):
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private; the export is an ordinary folder
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype])
+        try:
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype])
+        except OSError as e:
+            raise UserError(f"the base model {base!r} of {checkpoint} could not be loaded "
+                            f"({str(e).splitlines()[0]})") from None
         model = PeftModel.from_pretrained(model, checkpoint).merge_and_unload()
         model.save_pretrained(tmp, safe_serialization=True)
         AutoTokenizer.from_pretrained(base).save_pretrained(tmp)  # the chat template travels with the tokenizer
@@ -156,8 +160,10 @@ def model_card(checkpoint, out_dir, config, base, dtype, algorithm, push_to_hub)
                      f"- base model: `{model_name}`" + (f" (`{base}`)" if base != model_name else ""),
                      f"- algorithm: {algorithm or 'unknown (not recorded in the run folder)'}",
                      f"- checkpoint: `{checkpoint}`, step {progress.get('step')}, {progress.get('episodes')} episodes",
-                     f"- exported with: `{shlex.join(command)}`", "",
-                     "## Metrics at this step", ""]
+                     f"- exported with: `{shlex.join(command)}`", ""]
+    if config.get("prompt_template"):
+        lines += [f"Trained on plain-text prompts, `{config['prompt_template']}`, not on the chat template.", ""]
+    lines += ["## Metrics at this step", ""]
     if metrics:
         lines += ["| metric | value |", "| --- | --- |"]
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]

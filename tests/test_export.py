@@ -5,6 +5,7 @@ here as written (its bash command as a subprocess, its Python blocks in this pro
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -146,8 +147,13 @@ def test_cli_refusals_are_one_sentence(exported, tmp_path, capsys, monkeypatch):
     for key in [k for k in os.environ if k.startswith("HF_") or k == "HUGGING_FACE_HUB_TOKEN"]:
         monkeypatch.delenv(key)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no stored token either
+    bad_base = tmp_path / "bad" / "checkpoint-8"  # a copy whose Config names a base model that is not there
+    shutil.copytree(os.path.join(run_folder, "checkpoint-8"), bad_base)
+    config = json.load(open(bad_base / "config.json"))
+    json.dump({**config, "model": "/no/such/model"}, open(bad_base / "config.json", "w"))
     cases = [
         ([str(tmp_path), str(tmp_path / "a")], "is not a checkpoint"),
+        ([str(bad_base), str(tmp_path / "d")], "the base model '/no/such/model' of"),
         ([run_folder, out_dir], "already exists and is not empty"),
         ([run_folder, str(tmp_path / "b"), "--push_to_hub", "me/tiny-adder"], "no Hugging Face credentials"),
         ([run_folder, str(tmp_path / "c"), "--push_to_hub", "not a repo"], "takes a repository id"),
@@ -160,7 +166,7 @@ def test_cli_refusals_are_one_sentence(exported, tmp_path, capsys, monkeypatch):
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and words in err and err.count("\n") == 1, err
-    assert set(os.listdir(tmp_path)) <= {"hf-home"}  # no export folder was started
+    assert set(os.listdir(tmp_path)) <= {"hf-home", "bad"}  # no export folder left, not even a temporary one
     assert sorted(os.listdir(run_folder)) == before
     with pytest.raises(UserError, match="no Hugging Face credentials"):  # what run.py can call before a run starts
         check_hub_credentials("me/tiny-adder")
@@ -182,3 +188,34 @@ def test_readme_push_command_says_clearly_without_credentials(exported, tmp_path
     assert result.stderr.startswith("error: --push_to_hub me/tiny-adder: no Hugging Face credentials")
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
     assert not out_dir.exists()
+
+
+def test_bfloat16_export_holds_what_a_merged_push_sends(exported, tmp_path):
+    """The users' dtype: checkpoint-8 relabelled as a bfloat16 run (a copy; the run folder is not touched) exports
+    bfloat16 weights equal, bit for bit, to policy.merged_weights of that policy in bfloat16, the tensors a
+    `--weight_sync merged` engine would hold. (In bf16 the default sync serves the adapter unmerged; merging rounds,
+    README "Export a trained model".) In process, no engine: the export is the only load."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from nanorlhf.export import export
+    from nanorlhf.policy import merged_weights
+    from nanorlhf.tasks import resolve
+
+    run_folder, _ = exported
+    checkpoint = str(tmp_path / "run" / "checkpoint-8")
+    shutil.copytree(os.path.join(run_folder, "checkpoint-8"), checkpoint)
+    config = json.load(open(os.path.join(checkpoint, "config.json")))
+    json.dump({**config, "dtype": "bfloat16"}, open(os.path.join(checkpoint, "config.json"), "w"))
+    out_dir = str(tmp_path / "exported-bf16")
+    assert export(checkpoint, out_dir, algorithm="grpo") == out_dir
+
+    saved = load_file(os.path.join(out_dir, "model.safetensors"))
+    assert all(t.dtype == torch.bfloat16 for t in saved.values())
+    base = AutoModelForCausalLM.from_pretrained(resolve("demo:addition"), dtype=torch.bfloat16)
+    pushed = dict(merged_weights(PeftModel.from_pretrained(base, checkpoint), torch.bfloat16))  # as run.py pushes
+    assert len(pushed) == 14 and all(torch.equal(saved[name], t) for name, t in pushed.items())
+    card = open(os.path.join(out_dir, "README.md")).read()
+    assert "(GRPO), LoRA merged into the base weights, bfloat16." in card
+    assert "(no metrics.jsonl row for this step next to the checkpoint)" in card  # the copy has no metrics.jsonl
