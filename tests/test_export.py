@@ -1,6 +1,7 @@
 """Export (python -m nanorlhf.export): the merged model of the GRPO demo run, loaded by transformers and by vLLM from
 the exported folder alone, decodes greedily what the run's trained policy decodes. The README's export tour is run
-here as written (its bash command as a subprocess, its Python blocks in this process)."""
+as written: its bash lines as subprocesses, its Python blocks in one subprocess that also holds this module's one
+vLLM engine (an engine in the pytest process would bind its threads and reseed its RNGs for every later test)."""
 
 import json
 import os
@@ -12,7 +13,6 @@ import sys
 import pytest
 import torch
 
-import nanorlhf.engine  # noqa: F401 - sets vLLM's in-process and CPU KV-cache environment before vllm is imported
 from nanorlhf.errors import UserError, exit_on_user_error
 from nanorlhf.export import check_hub_credentials, main
 from nanorlhf.tasks import QUESTION
@@ -47,15 +47,43 @@ def exported(grpo_demo_run, tmp_path_factory):
     return run_folder, out_dir
 
 
+# Runs the README's Python blocks on the export, then greedy-decodes the test's prompt token ids with the tour's
+# `llm`. nanorlhf.engine sets what the run's engine runs under: vLLM in-process, a 2 GiB CPU KV cache.
+TOUR = """
+import json, sys
+import nanorlhf.engine
+from vllm import SamplingParams
+out_dir, blocks, prompt_ids, max_tokens = json.load(sys.stdin)
+namespace = {}
+for code in blocks:
+    exec(code.replace('"exported/"', repr(out_dir)), namespace)
+outputs = namespace["llm"].generate([{"prompt_token_ids": ids} for ids in prompt_ids],
+                                    SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm=False)
+print(json.dumps({"answer": namespace["answer"], "vllm_answer": namespace["vllm_answer"],
+                  "vllm_tokens": [list(o.outputs[0].token_ids) for o in outputs]}))
+"""
+
+
+def prompt_token_ids(tokenizer):
+    """The demo prompts as the run's PromptStream encodes them: chat template, then no added special tokens."""
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                           tokenize=False) for p in PROMPTS]
+    return [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
+
+
 @pytest.fixture(scope="module")
 def tour(exported):
-    """Namespace after running the README's Python blocks on the export (the module's one vLLM engine)."""
+    """What the README's Python blocks and vLLM on the export produce: {answer, vllm_answer, vllm_tokens}."""
+    from transformers import AutoTokenizer
+
     _, out_dir = exported
     _, python = readme_tour()
-    namespace = {}
-    for code in python:
-        exec(code.replace('"exported/"', repr(out_dir)), namespace)  # noqa: S102 - the README's own code
-    return namespace
+    prompt_ids = prompt_token_ids(AutoTokenizer.from_pretrained(out_dir))
+    result = subprocess.run([sys.executable, "-c", TOUR], input=json.dumps([out_dir, python, prompt_ids,
+                                                                           MAX_NEW_TOKENS]),
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def test_export_folder_is_a_complete_model(exported):
@@ -119,18 +147,17 @@ def test_greedy_completions_match_the_runs_policy(exported, tour):
     the final engine's computation on the final engine's weights, and (c), the same adapter unmerged, is what the
     canary compared that engine with every step.
     """
-    from vllm import SamplingParams
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run_folder, out_dir = exported
-    tokenizer, model, llm = tour["tokenizer"], tour["model"], tour["llm"]
-    prompt_ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                tokenize=False) for p in PROMPTS]
-    prompt_ids = [tokenizer(text, add_special_tokens=False).input_ids for text in prompt_ids]  # as data.PromptStream
+    rows = [json.loads(line) for line in open(os.path.join(run_folder, "metrics.jsonl"))]
+    assert max(r["logprob_diff"] for r in rows) < 1e-5  # the engine ran the trainer's weights, exactly
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    model = AutoModelForCausalLM.from_pretrained(out_dir).eval()  # the folder alone: float32 from its config
+    prompt_ids = prompt_token_ids(tokenizer)
 
-    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids],
-                           SamplingParams(temperature=0, max_tokens=MAX_NEW_TOKENS), use_tqdm=False)
-    vllm_export = [list(o.outputs[0].token_ids) for o in outputs]
-    hf_export = [trim(hf_greedy(model.eval(), ids), tokenizer.eos_token_id) for ids in prompt_ids]
+    vllm_export = tour["vllm_tokens"]
+    hf_export = [trim(hf_greedy(model, ids), tokenizer.eos_token_id) for ids in prompt_ids]
     trainer = [trim(ids, tokenizer.eos_token_id) for ids in trainer_greedy(run_folder, prompt_ids)]
     assert vllm_export == hf_export == trainer
     assert len({tuple(c) for c in trainer}) > 1  # not one constant answer
