@@ -31,32 +31,44 @@ def readme_tour():
     return [line for line in bash if line], [code for lang, code in blocks if lang == "python"]
 
 
+def run_in_tour(command, workdir, **kwargs):
+    """A README command (`python ...`) run as written in `workdir`, with this checkout's package and Python."""
+    env = {**os.environ, **kwargs.pop("env", {})}
+    env = {k: v for k, v in env.items() if v is not None}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    assert command[0] == "python"
+    return subprocess.run([sys.executable, *command[1:]], cwd=workdir, env=env, capture_output=True, text=True,
+                          timeout=600, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def exported(grpo_demo_run, tmp_path_factory):
-    """(run folder, export folder): the README's command, `runs/<run>` and `exported/` replaced by the test's."""
+    """(run folder, export folder): the README's export command run as written, in a folder where its
+    `runs/<run>` is the demo run (a link) and `exported/` is new."""
     run_folder, _ = grpo_demo_run
-    out_dir = str(tmp_path_factory.mktemp("export") / "exported")
     bash, _ = readme_tour()
     command = next(line for line in bash if line.startswith("python -m nanorlhf.export") and "--push" not in line)
-    argv = command.split()[3:]
-    assert argv[0].startswith("runs/") and argv[1] == "exported/"
-    result = subprocess.run([sys.executable, "-m", "nanorlhf.export", run_folder, out_dir], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600)
+    command = command.split()
+    assert command[3].startswith("runs/") and command[4] == "exported/"
+    workdir = tmp_path_factory.mktemp("tour")
+    (workdir / "runs").mkdir()
+    os.symlink(run_folder, workdir / command[3])
+    result = run_in_tour(command, workdir)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"to {out_dir}" in result.stdout
-    return run_folder, out_dir
+    assert result.stdout.strip().endswith(f"to {command[4]}")
+    return str(workdir / command[3]), str(workdir / "exported")
 
 
-# Runs the README's Python blocks on the export, then greedy-decodes the test's prompt token ids with the tour's
-# `llm`. nanorlhf.engine sets what the run's engine runs under: vLLM in-process, a 2 GiB CPU KV cache.
+# Runs the README's Python blocks as written, next to the export, then greedy-decodes the test's prompt token ids
+# with the tour's `llm`. nanorlhf.engine sets what the run's engine runs under: vLLM in-process, a 2 GiB CPU KV cache.
 TOUR = """
 import json, sys
 import nanorlhf.engine
 from vllm import SamplingParams
-out_dir, blocks, prompt_ids, max_tokens = json.load(sys.stdin)
+blocks, prompt_ids, max_tokens = json.load(sys.stdin)
 namespace = {}
 for code in blocks:
-    exec(code.replace('"exported/"', repr(out_dir)), namespace)
+    exec(code, namespace)
 outputs = namespace["llm"].generate([{"prompt_token_ids": ids} for ids in prompt_ids],
                                     SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm=False)
 print(json.dumps({"answer": namespace["answer"], "vllm_answer": namespace["vllm_answer"],
@@ -79,9 +91,8 @@ def tour(exported):
     _, out_dir = exported
     _, python = readme_tour()
     prompt_ids = prompt_token_ids(AutoTokenizer.from_pretrained(out_dir))
-    result = subprocess.run([sys.executable, "-c", TOUR], input=json.dumps([out_dir, python, prompt_ids,
-                                                                           MAX_NEW_TOKENS]),
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = run_in_tour(["python", "-c", TOUR], os.path.dirname(out_dir),
+                         input=json.dumps([python, prompt_ids, MAX_NEW_TOKENS]))
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -97,7 +108,9 @@ def test_export_folder_is_a_complete_model(exported):
     assert last["step"] == 8
     assert "step 8, 1024 episodes" in card and f"| reward_mean | {last['reward_mean']:.4g} |" in card
     assert '"model": "demo:addition"' in card and '"lora_dropout": 0.05' in card
-    assert f"python -m nanorlhf.export {os.path.join(run_folder, 'checkpoint-8')} {out_dir}" in card
+    run_name = os.path.basename(run_folder)  # the README's runs/grpo-<date>-<time>: the algorithm is read from it
+    assert f"exported with: `python -m nanorlhf.export runs/{run_name}/checkpoint-8 exported/`" in card
+    assert "fine-tuned with nanoRLHF (GRPO), LoRA merged into the base weights, float32." in card
     assert not any(name.startswith(".export-") for name in os.listdir(os.path.dirname(out_dir)))
     # the trained change is in the weights: LoRA-wrapped linears moved, the (untargeted) embeddings did not
     from safetensors.torch import load_file
@@ -200,21 +213,19 @@ def test_cli_refusals_are_one_sentence(exported, tmp_path, capsys, monkeypatch):
 
 
 def test_readme_push_command_says_clearly_without_credentials(exported, tmp_path):
-    """The README's --push_to_hub line as a subprocess on the demo run, without credentials: status 2, one
-    sentence, nothing exported (credentials are checked before the model is loaded)."""
-    run_folder, _ = exported
+    """The README's --push_to_hub line as written, on the demo run, without credentials: status 2, one sentence,
+    nothing exported (credentials are checked before the model is loaded)."""
+    _, out_dir = exported
     bash, _ = readme_tour()
     command = next(line for line in bash if "--push_to_hub" in line).split()
     assert command[:3] == ["python", "-m", "nanorlhf.export"] and command[3].startswith("runs/")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and k != "HUGGING_FACE_HUB_TOKEN"}
-    env["HF_HOME"] = str(tmp_path / "hf-home")
-    out_dir = tmp_path / command[4]
-    result = subprocess.run([sys.executable, "-m", "nanorlhf.export", run_folder, str(out_dir), *command[5:]],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    no_login = {k: None for k in os.environ if k.startswith("HF_") or k == "HUGGING_FACE_HUB_TOKEN"}
+    workdir = os.path.dirname(out_dir)
+    result = run_in_tour(command, workdir, env={**no_login, "HF_HOME": str(tmp_path / "hf-home")})
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: --push_to_hub me/tiny-adder: no Hugging Face credentials")
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
-    assert not out_dir.exists()
+    assert not os.path.exists(os.path.join(workdir, command[4]))
 
 
 def test_bfloat16_export_holds_what_a_merged_push_sends(exported, tmp_path):
