@@ -65,6 +65,8 @@ class RunConfig:
     eval_split: str = "test"  # split of a hub eval dataset
     eval_prompt_field: str = ""  # prompt column of eval_dataset ("" = prompt_field)
     eval_limit: int = 200  # evaluate on the first N prompts
+    export_model: bool = True  # at the end, write <output_dir>/model: base + LoRA merged, for transformers and vLLM
+    push_to_hub: str = ""  # at the end, also upload that model to this hub repo ("user/name"; needs a login)
     verbose: bool = False  # show the libraries' output (vLLM, torch, transformers) on the terminal, not only in run.log
 
 

@@ -27,3 +27,4 @@ def exit_on_user_error():
         raise
     finally:
         console.stop()
+        console.allow(False)

@@ -22,6 +22,7 @@ import shutil
 import sys
 import tempfile
 
+from nanorlhf import console
 from nanorlhf.checkpoint import checkpoints, saved_config
 from nanorlhf.errors import UserError, exit_on_user_error
 
@@ -120,7 +121,7 @@ def upload(out_dir, repo):
     except Exception as e:  # noqa: BLE001 - the export itself is done: say so, and how to retry the upload
         raise UserError(f"--push_to_hub {repo}: the upload failed ({str(e).splitlines()[0]}); the export is complete "
                         f"in {out_dir}, upload it again with `hf upload {repo} {out_dir}`") from None
-    print(f"uploaded {out_dir} to {url}")
+    console.say(f"uploaded {out_dir} to {url}")
 
 
 def final_metrics(checkpoint, step):

@@ -28,6 +28,7 @@ from nanorlhf.config import as_dict
 from nanorlhf.data import PromptStream, load_rows, template_kwargs
 from nanorlhf.engine import RolloutEngine, engine_lora_rank
 from nanorlhf.errors import UserError
+from nanorlhf.export import check_hub_credentials, export
 from nanorlhf.logprobs import IS_MODES, completion_logprobs, importance_weights, padding_fraction, token_budget_batches
 from nanorlhf.policy import device, evaluating, load_policy, merged_weights, move_optimizer_state
 from nanorlhf.rewards import build_rewards
@@ -179,6 +180,8 @@ class Run:
                                        cfg.max_prompt_tokens, 0,
                                        template, **chat)
             self.eval_prompts = eval_stream.next(min(cfg.eval_limit, len(eval_rows)))
+        if cfg.push_to_hub:  # a missing login says so now, not after the training
+            check_hub_credentials(cfg.push_to_hub)
         checkpoint = find_checkpoint(cfg.resume) if cfg.resume else None
         changes = resume_changes(saved_config(checkpoint), as_dict(cfg)) if checkpoint else []
         self.output_dir = self._prepare_output_dir(checkpoint)
@@ -266,7 +269,7 @@ class Run:
                 raise UserError(f"--output_dir {output_dir!r} holds another run; pass --resume {output_dir} to "
                                 "continue it, --overwrite to replace it, or choose another --output_dir")
             for f in os.listdir(output_dir):
-                if f in ("metrics.png", "wandb", "command.txt", "samples.jsonl") or \
+                if f in ("metrics.png", "wandb", "command.txt", "samples.jsonl", "model") or \
                         f.startswith(("checkpoint-", "metrics.jsonl")):
                     path = os.path.join(output_dir, f)
                     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
@@ -308,6 +311,11 @@ class Run:
                     console.say(f"{name}: saved {saved}; continue with --resume {self.output_dir}")
                     raise SystemExit(status)
             self.step = None
+            if self.start_step <= self.total_steps and cfg.export_model:
+                model_dir = os.path.join(self.output_dir, "model")
+                shutil.rmtree(model_dir, ignore_errors=True)  # a model exported by an earlier end of this run
+                export(saved, model_dir, cfg.push_to_hub, self.algo)
+                console.say(f"final model (LoRA merged, Hugging Face format): {model_dir}")
         finally:
             self.close()
 
