@@ -101,6 +101,7 @@ class Config(RunConfig):
     overlong_buffer: int = 0  # DAPO's soft overlong punishment over the last N tokens before max_new_tokens (0: off)
     overlong_penalty: float = 1.0  # reward subtracted at max_new_tokens; ramps up linearly over overlong_buffer
 
+
 # --demo: the shared demo defaults (tiny model, addition, exact-answer reward; see nanorlhf/tasks.py) plus these.
 DEMO = {**tasks.DEMO, "total_episodes": 15360, "prompts_per_step": 32, "group_size": 8, "ppo_epochs": 2,
         "learning_rate": 2e-3, "kl_coef": 0.01, "save_every": 20}
