@@ -14,6 +14,8 @@ mean, which is a baseline; with it off the advantage is the raw penalised reward
 gradient written as the clipped-ratio surrogate: with the default ppo_epochs=1 the ratio is 1 and it is
 exactly -A log pi; with ppo_epochs > 1 the clip keeps later epochs near the sampler. The KL penalty needs
 the policy's log-probs before the update, so this script runs one extra no-grad pass over the batch.
+`baseline="group"` is REINFORCE++-baseline (the paper's variant for several completions per prompt, as
+OpenRLHF runs it): each reward minus its group's mean, then the KL penalty, then the batch whitening.
 
 Run:  python Reinforce/reinforce.py --demo                 (CPU, tiny model, synthetic addition task, minutes)
       python Reinforce/reinforce.py                        (the defaults below, on one GPU)
@@ -73,6 +75,7 @@ class Config(RunConfig):
     # REINFORCE
     kl_coef: float = 0.01  # beta: KL penalty subtracted from each reward (0 skips the reference and policy passes)
     clip_eps: float = 0.2  # epsilon of the clipped ratio (only matters when ppo_epochs > 1)
+    baseline: str = "batch"  # "batch": the whitening's batch mean only; "group": REINFORCE++-baseline, group mean first
     whiten_advantages: bool = True  # on: whitening over the batch is REINFORCE's only baseline
     loss_type: str = "sequence"  # "sequence": mean over each completion's tokens, then over completions; "token"
 
@@ -90,6 +93,13 @@ def sequence_kl(logprobs, ref_logprobs):
     The reward is penalised with it: r'_i = r_i - beta KL_i.
     """
     return (logprobs - ref_logprobs).sum(1)
+
+
+def group_centred(rewards, group_size):
+    """REINFORCE++-baseline's first step, rewards flat and prompt-major (N,) -> (N,): r_i - mean(r_group(i)).
+    The advantage is then compute_advantages(r_i - mean(r_group(i)) - beta KL_i), whitened over the batch."""
+    grouped = rewards.view(-1, group_size)  # (prompts, G)
+    return (grouped - grouped.mean(dim=1, keepdim=True)).flatten()
 
 
 def compute_advantages(rewards, whiten=True, eps=1e-8):
@@ -132,6 +142,10 @@ def main(cfg):
 
     if cfg.loss_type not in ("sequence", "token"):
         raise UserError(f"--loss_type must be sequence or token, got {cfg.loss_type!r}")
+    if cfg.baseline not in ("batch", "group"):
+        raise UserError(f"--baseline must be batch or group, got {cfg.baseline!r}")
+    if cfg.baseline == "group" and cfg.group_size < 2:
+        raise UserError("--baseline group needs --group_size of at least 2: the baseline is the group's mean reward")
     if cfg.whiten_advantages and cfg.prompts_per_step * cfg.group_size < 2:
         raise UserError("--whiten_advantages needs at least 2 completions per step: raise --prompts_per_step")
     run = Run(cfg, algo="reinforce")
@@ -145,11 +159,13 @@ def main(cfg):
         # 4. the batch: every completion (its advantage needs the log-probs of step 5)
         batch = run.batch(prompts, completions)
         # 5. reference (adapter off) and policy log-probs, no grad -> KL-penalised rewards -> whitened advantages
+        # (REINFORCE++-baseline: the group's mean reward subtracted before the penalty)
         kl = torch.zeros(len(batch))  # (N,)
         if cfg.kl_coef > 0:
             kl = sequence_kl(run.policy_logprobs(batch), run.reference_logprobs(batch)).cpu()
         penalized_rewards = rewards - cfg.kl_coef * kl
-        batch.advantages = compute_advantages(penalized_rewards, cfg.whiten_advantages)
+        centred = group_centred(rewards, cfg.group_size) if cfg.baseline == "group" else rewards
+        batch.advantages = compute_advantages(centred - cfg.kl_coef * kl, cfg.whiten_advantages)
         # 6. loss, backward, optimizer step
         normalizer = len(batch) if cfg.loss_type == "sequence" else sum(map(len, batch.completion_ids))
         stats = run.update(batch, epochs=cfg.ppo_epochs, loss_fn=lambda logprobs, entropy, mb: compute_loss(

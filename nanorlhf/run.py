@@ -381,7 +381,8 @@ class Run:
             completions = self.engine.generate([p["token_ids"] for p in prompts], n, seed, cfg.max_new_tokens,
                                                cfg.temperature, cfg.top_p, with_greedy=with_greedy)
             self.engine.sleep()
-        self.times["generated_tokens"] = sum(len(c.token_ids) for c in completions)
+        tokens = sum(len(c.token_ids) for c in completions)  # summed over the step's calls (GRPO's dynamic sampling)
+        self.times["generated_tokens"] = self.times.get("generated_tokens", 0) + tokens
         if with_greedy:
             return completions[: len(prompts) * n], completions[len(prompts) * n :]
         return completions

@@ -159,6 +159,24 @@ def test_reinforce_loss_has_no_kl_term_and_clips():
     assert stats["clip_fraction"] == 1.0
 
 
+def test_reinforce_plus_plus_group_baseline_hand_worked():
+    # groups (1, 0, 0, 1) and (3, 1, 2, 2): minus the group means 0.5 and 2 -> (.5, -.5, -.5, .5, 1, -1, 0, 0),
+    # batch mean 0, unbiased std sqrt((4 x 0.25 + 1 + 1) / 7) = sqrt(3/7)
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 3.0, 1.0, 2.0, 2.0])
+    centred = reinforce.group_centred(rewards, group_size=4)
+    assert torch.allclose(centred, torch.tensor([0.5, -0.5, -0.5, 0.5, 1.0, -1.0, 0.0, 0.0]))
+    adv = reinforce.compute_advantages(centred)
+    assert torch.allclose(adv, centred / (3 / 7) ** 0.5)
+    # the batch baseline alone ranks the second group's 2s above the first group's 1s; the group baseline does not
+    assert reinforce.compute_advantages(rewards)[6] > reinforce.compute_advantages(rewards)[0]
+    assert adv[6] < adv[0]
+    # the KL penalty comes after the group mean (as OpenRLHF's reinforce_baseline): groups (1, 0), (1, 1), KL of the
+    # third completion 2, beta 0.5 -> (.5, -.5, -1, 0), mean -0.25, deviations (.75, -.25, -.75, .25), std sqrt(5/12)
+    penalised = reinforce.group_centred(torch.tensor([1.0, 0.0, 1.0, 1.0]), 2) - 0.5 * torch.tensor([0.0, 0, 2, 0])
+    adv = reinforce.compute_advantages(penalised)
+    assert torch.allclose(adv, torch.tensor([0.75, -0.25, -0.75, 0.25]) / (5 / 12) ** 0.5)
+
+
 # --- the scripts read alike ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("script", [rloo, remax, raft, reinforce], ids=lambda s: s.__name__)
