@@ -29,7 +29,7 @@ def workdir(grpo_demo_run, tmp_path_factory):
 
 
 def run(command, cwd, **kwargs):
-    command = command.replace(".venv/bin/python", sys.executable)
+    command = re.sub(r"^\.venv/bin/python ", sys.executable + " ", command)  # the README's venv is this one
     env = {**os.environ, "PYTHONPATH": ROOT, "VLLM_CPU_KVCACHE_SPACE": "2"}
     return subprocess.run(command, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, **kwargs)
 
@@ -54,6 +54,6 @@ def test_tour_commands_run_as_written(grpo_demo_run, workdir):
 
 def test_tour_loads_the_final_model_with_vllm(workdir):
     _, python = tour()
-    result = run(f"{sys.executable} -", workdir, input="import nanorlhf.engine\n" + python)  # vLLM in-process, as the runs
+    result = run(".venv/bin/python -", workdir, input="import nanorlhf.engine\n" + python)  # vLLM in-process, as the runs
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"\d", result.stdout.strip().splitlines()[-1])  # the demo model answers with a number
