@@ -338,20 +338,20 @@ class Run:
                                self.extra_modules, snapshot["rng"], as_dict(self.cfg), self.cfg.save_total_limit)
 
     def failed(self):
-        """Save the last completed step for a run about to stop in the middle of step self.step; says what was kept."""
+        """Save the last completed step for a run about to stop in the middle of step self.step, close the run, and
+        say what was kept."""
         resume = f"continue with --resume {self.output_dir}"
         if self.step is None or self.step == 1:
-            self.close()
-            return "No step was completed, so nothing was saved"
-        last = self.step - 1
-        path = os.path.join(self.output_dir, f"checkpoint-{last}")
-        if self.stepped:  # this step already changed the weights: they are not step `last`'s any more
-            self.close()
-            return f"The newest checkpoint in {self.output_dir} holds the last saved state; {resume}"
-        if not os.path.exists(path):
-            path = self.save(last, self.snapshot)
+            message = "No step was completed, so nothing was saved"
+        elif self.stepped:  # this step already changed the weights: they are not the last completed step's any more
+            message = f"The newest checkpoint in {self.output_dir} holds the last saved state; {resume}"
+        else:
+            path = os.path.join(self.output_dir, f"checkpoint-{self.step - 1}")
+            if not os.path.exists(path):
+                path = self.save(self.step - 1, self.snapshot)
+            message = f"Saved the last completed step in {path}; {resume}"
         self.close()
-        return f"Saved the last completed step in {path}; {resume}"
+        return message
 
     @contextmanager
     def timed(self, name):
