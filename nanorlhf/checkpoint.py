@@ -118,15 +118,17 @@ def set_aside_later_checkpoints(output_dir, step):
     return [f"checkpoint-{s}" for s in later]
 
 
-def find_checkpoint(path):
-    """`path` is a checkpoint folder, or a run folder whose newest checkpoint is taken."""
+def find_checkpoint(path, tidy=True, flag="--resume"):
+    """`path` is a checkpoint folder, or a run folder whose newest checkpoint is taken. tidy: first undo what a killed
+    save left there (tidy_run_folder); off for a reader that must leave the folder as it is (export)."""
     if os.path.isfile(os.path.join(path, "progress.json")):
         return path
-    tidy_run_folder(path)
+    if tidy:
+        tidy_run_folder(path)
     found = checkpoints(path)
     if not found:
-        raise UserError(f"--resume {path!r} holds no checkpoint (expected a run folder with checkpoint-<step> "
-                        "folders, or one of those folders)")
+        raise UserError(f"{flag} {path!r} is not a checkpoint: expected a run folder with checkpoint-<step> folders, "
+                        "or one of those folders")
     return found[max(found)]
 
 

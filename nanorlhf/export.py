@@ -23,7 +23,7 @@ import sys
 import tempfile
 
 from nanorlhf import console
-from nanorlhf.checkpoint import checkpoints, saved_config
+from nanorlhf.checkpoint import find_checkpoint, saved_config
 from nanorlhf.errors import UserError, exit_on_user_error
 
 USAGE = "usage: python -m nanorlhf.export <run folder or checkpoint folder> <out_dir> [--push_to_hub <user/repo>]"
@@ -31,16 +31,8 @@ RUN_NAME = re.compile(r"(.+)-\d{8}-\d{6}")  # runs/<algo>-<date>-<time>, the def
 
 
 def find_export_checkpoint(path):
-    """`path` is a checkpoint folder, or a run folder whose newest checkpoint is taken (read only: unlike
-    checkpoint.find_checkpoint, a run folder is never tidied)."""
-    if os.path.isfile(os.path.join(path, "adapter_config.json")) and os.path.isfile(os.path.join(path,
-                                                                                                 "progress.json")):
-        return path
-    found = checkpoints(path)
-    if not os.path.isdir(path) or not found:
-        raise UserError(f"{path!r} is not a checkpoint: expected a run folder with checkpoint-<step> folders, or one "
-                        "of those folders (with adapter_config.json and progress.json)")
-    return found[max(found)]
+    """The checkpoint to export: `path` itself, or a run folder's newest (the run folder is only read)."""
+    return find_checkpoint(path, tidy=False, flag="export:")
 
 
 def check_hub_credentials(repo):
