@@ -76,7 +76,7 @@ class Config(RunConfig):
     # optimisation
     learning_rate: float = 6e-6  # peak learning rate, cosine decay to 10% of it
     max_grad_norm: float = 1.0  # gradient clipping (policy and critic each)
-    micro_batch_tokens: int = 8192  # token budget of one micro-batch (samples x longest, padding included)
+    micro_batch_tokens: int = 8192  # token budget of one micro-batch with gradients (rows x longest; short sequences share a row)
     ppo_epochs: int = 4  # optimizer steps of the policy and of the critic on each batch of rollouts
     # PPO
     kl_coef: float = 0.05  # beta: weight of the per-token KL penalty in the reward (0 skips the reference pass)
@@ -197,7 +197,7 @@ def initialise_value_model(run, critic, cfg):
             batch = run.batch(prompts, completions)
             micro_batches, _ = run.micro_batches(batch)
             mask = batch.completion_mask = completion_mask(batch)
-            batch.old_values = critic.predict(batch, micro_batches).cpu()
+            batch.old_values = critic.predict(batch, run.micro_batches(batch, grad=False)[0]).cpu()
             _, batch.returns = compute_gae(token_rewards(rewards, None, None, mask, 0.0), batch.old_values, mask,
                                            cfg.gamma, lam=1.0)
             normalizer = mask.sum().item()
@@ -222,7 +222,7 @@ def main(cfg):
     if cfg.value_init_steps < 0:
         raise UserError(f"--value_init_steps must be 0 or more, got {cfg.value_init_steps}")
     run = Run(cfg, algo="ppo")
-    critic = Critic(run.policy, run.tokenizer.pad_token_id, cfg.value_learning_rate, cfg.max_grad_norm)
+    critic = Critic(run.policy, run.tokenizer.pad_token_id, cfg.value_learning_rate, cfg.max_grad_norm, run.packed)
     for name, part in critic.checkpointed().items():
         run.register(name, part)  # restored here when resuming
     if run.start_step == 1:
@@ -244,7 +244,7 @@ def main(cfg):
             logprobs = run.policy_logprobs(batch).cpu()
             kl = ((logprobs - batch.ref_logprobs) * mask).sum().item() / mask.sum().item()
         with run.timed("time_value"):
-            batch.old_values = critic.predict(batch, micro_batches).cpu()
+            batch.old_values = critic.predict(batch, run.micro_batches(batch, grad=False)[0]).cpu()
         # 5. advantages: per-token rewards (KL penalty, score on the last token), GAE on the critic's values
         rewards_per_token = token_rewards(rewards, logprobs, batch.ref_logprobs, mask, cfg.kl_coef)
         batch.advantages, batch.returns = compute_gae(rewards_per_token, batch.old_values, mask, cfg.gamma, cfg.lam)

@@ -67,7 +67,7 @@ class Config(RunConfig):
     # optimisation
     learning_rate: float = 6e-6  # peak learning rate, cosine decay to 10% of it
     max_grad_norm: float = 1.0  # gradient clipping
-    micro_batch_tokens: int = 8192  # token budget of one micro-batch (samples x longest, padding included)
+    micro_batch_tokens: int = 8192  # token budget of one micro-batch with gradients (rows x longest; short sequences share a row)
     ppo_epochs: int = 1  # optimizer steps on each batch of rollouts
     # RAFT
     kl_coef: float = 0.0  # beta: weight of a k3 KL penalty in the loss (0, the paper: no reference pass)

@@ -70,7 +70,7 @@ class Config(RunConfig):
     # optimisation
     learning_rate: float = 6e-6  # peak learning rate, cosine decay to 10% of it
     max_grad_norm: float = 1.0  # gradient clipping
-    micro_batch_tokens: int = 8192  # token budget of one micro-batch (samples x longest, padding included)
+    micro_batch_tokens: int = 8192  # token budget of one micro-batch with gradients (rows x longest; short sequences share a row)
     ppo_epochs: int = 1  # optimizer steps on each batch of rollouts
     # REINFORCE
     kl_coef: float = 0.01  # beta: KL penalty subtracted from each reward (0 skips the reference and policy passes)

@@ -56,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=1, help="runs per side, alternating which side goes first")
     p.add_argument("--micro_batch_tokens", type=int, default=0, help="nanoRLHF's token budget per micro-batch; "
                    "0 = the whole step in one micro-batch, like trl here (same shapes on both sides)")
+    p.add_argument("--gradient_checkpointing", action="store_true", help="on both sides (both libraries' default)")
+    p.add_argument("--vocab", type=int, default=0, help="0: a 512-token BPE trained on the prompts (the random model "
+                   "often ends early); N: a generated N-token vocabulary (at 32768 it almost never ends early)")
     p.add_argument("--lora_r", type=int, default=16, help="LoRA rank")
     p.add_argument("--lora_alpha", type=int, default=32, help="LoRA alpha")
     p.add_argument("--learning_rate", type=float, default=1e-5, help="peak learning rate")
@@ -82,15 +85,19 @@ def parse_args(argv=None):
 def build_inputs(workdir, args):
     """The model folder and the prompt file both sides read."""
     from nanorlhf.tasks import addition_rows
-    from nanorlhf.tiny import build_tiny_policy
+    from nanorlhf.tiny import build_policy_at_shape, build_tiny_policy
 
     rows = addition_rows(2000, seed=args.seed)
     dataset = os.path.join(workdir, "prompts.jsonl")
     with open(dataset, "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     texts = [f"{r['prompt']} {r['answer']}" for r in rows] + ["user assistant system"]
-    model = build_tiny_policy(os.path.join(workdir, "model"), texts, hidden_size=args.hidden, num_layers=args.layers,
-                              seed=args.seed)
+    if args.vocab:
+        model = build_policy_at_shape(os.path.join(workdir, "model"), hidden_size=args.hidden, num_layers=args.layers,
+                                      vocab_size=args.vocab, seed=args.seed)
+    else:
+        model = build_tiny_policy(os.path.join(workdir, "model"), texts, hidden_size=args.hidden,
+                                  num_layers=args.layers, seed=args.seed)
     return model, dataset
 
 
@@ -132,7 +139,8 @@ def run_nanorlhf(model, dataset, out_dir, args):
                  prompts_per_step=args.prompts_per_step, group_size=args.group_size,
                  total_episodes=(args.warmup + args.steps) * episodes_per_step(args), temperature=1.0, top_p=1.0,
                  dtype="float32", lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
-                 lora_target_modules="all-linear", gradient_checkpointing=False, learning_rate=args.learning_rate,
+                 lora_target_modules="all-linear", gradient_checkpointing=args.gradient_checkpointing,
+                 learning_rate=args.learning_rate,
                  kl_coef=args.kl_coef, ppo_epochs=1, loss_type="sequence", micro_batch_tokens=micro_batch_tokens(args),
                  save_every=10**6, seed=args.seed, wandb=False, output_dir=out_dir, overwrite=True)
     cmd = [sys.executable, os.path.join(ROOT, "GRPO", "grpo.py")]
@@ -176,7 +184,7 @@ def trl_config(args, out_dir):
         bf16=False,
         fp16=False,
         use_cpu=True,
-        gradient_checkpointing=False,
+        gradient_checkpointing=args.gradient_checkpointing,
         model_init_kwargs={"dtype": "float32"},
         seed=args.seed,
         disable_tqdm=True,
@@ -333,6 +341,8 @@ def main(args):
     print(f"step: {args.prompts_per_step} prompts x {args.group_size} completions = {episodes_per_step(args)} "
           f"episodes, up to {args.max_new_tokens} new tokens; {args.warmup} warm-up + {args.steps} timed steps, "
           f"{args.repeats} run(s) per side; float32, LoRA r={args.lora_r} alpha={args.lora_alpha}, "
+          f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
+          f"vocabulary {args.vocab or 'trained BPE (512)'}, "
           f"lr {args.learning_rate}, KL {args.kl_coef}")
     print(f"nanoRLHF: vLLM {versions['vllm']} engine (persistent, in-place weight push), micro-batches of "
           f"{micro_batch_tokens(args)} tokens; trl {versions['trl']}: use_vllm=False, Hugging Face generate (transformers "

@@ -53,6 +53,7 @@ class RunConfig:
     weight_sync: str = "auto"  # updates into the engine: merged (W + scale B A in place), lora (A, B; vLLM's LoRA) or auto (lora unless float32)
     vllm_is_correction: str = "token_truncate"  # trainer/sampler mismatch weight: token_truncate, sequence_truncate, sequence_mask or none
     vllm_is_cap: float = 2.0  # C in min(pi_trainer / pi_vllm, C) (sequence_mask: ratios above C get weight 0)
+    micro_batch_tokens_nograd: int = 0  # token budget of a micro-batch without gradients (reference, old log-probs, values); 0 = 4 x micro_batch_tokens
     save_total_limit: int = 3  # newest checkpoints kept in the run folder (0 = all)
     max_skipped_steps: int = 3  # stop after this many steps in a row with a non-finite loss or gradient
     reward_timeout: float = 600.0  # seconds one call of a reward function may take (0 = no limit)

@@ -12,8 +12,8 @@ from contextlib import contextmanager
 
 import torch
 
-from nanorlhf.logprobs import right_pad
-from nanorlhf.policy import device, evaluating, move_optimizer_state
+from nanorlhf.logprobs import completion_states
+from nanorlhf.policy import adamw, device, evaluating, move_optimizer_state
 
 POLICY, CRITIC = "default", "critic"
 
@@ -52,14 +52,14 @@ class Critic:
     position that predicts token t, through `head`, a Linear(hidden, 1) that starts as any new value head
     does (PyTorch's default init). Its own AdamW trains the critic adapter and the head."""
 
-    def __init__(self, policy, pad_id, learning_rate, max_grad_norm):
-        self.policy, self.pad_id, self.max_grad_norm = policy, pad_id, max_grad_norm
+    def __init__(self, policy, pad_id, learning_rate, max_grad_norm, packed=True):
+        self.policy, self.pad_id, self.max_grad_norm, self.packed = policy, pad_id, max_grad_norm, packed
         policy.add_adapter(CRITIC, copy.deepcopy(policy.peft_config[POLICY]))  # same rank and targets as the policy
         hidden_size = policy.get_base_model().config.hidden_size
         self.head = torch.nn.Linear(hidden_size, 1).to(device())
         with self.active():
             self.trainable = [p for p in policy.parameters() if p.requires_grad] + list(self.head.parameters())
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=learning_rate, weight_decay=0.0)
+        self.optimizer = adamw(self.trainable, learning_rate)
 
     def checkpointed(self):
         """What `run.register` must save for an exact resume: head, critic adapter, critic optimizer."""
@@ -76,18 +76,10 @@ class Critic:
             self.policy.set_adapter(POLICY)
 
     def values(self, mb):
-        """(b, c) values of one micro-batch (call inside `active()`); padding positions hold garbage."""
-        input_ids, attention_mask = right_pad([p + c for p, c in zip(mb.prompt_ids, mb.completion_ids)], self.pad_id)
-        input_ids = input_ids.to(device())
-        hidden = self.policy.get_base_model().get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask.to(device()), use_cache=False,
-        ).last_hidden_state  # (b, L, H)
-        # the state before completion token t is the position that predicts it: len(prompt) - 1 + t
-        prompt_lengths = torch.tensor([len(p) for p in mb.prompt_ids])
-        width = max(map(len, mb.completion_ids))
-        positions = (prompt_lengths[:, None] - 1 + torch.arange(width)).clamp(max=input_ids.shape[1] - 1)
-        positions = positions.to(device())[..., None].expand(-1, -1, hidden.shape[-1])  # (b, c, H)
-        return self.head(hidden.gather(1, positions).float()).squeeze(-1)
+        """(b, c) values of one micro-batch (call inside `active()`), 0 on padding."""
+        hidden, _, mask = completion_states(self.policy, mb.prompt_ids, mb.completion_ids, self.pad_id, self.packed)
+        values = self.head(hidden.float()).squeeze(-1)  # (N,): the state before each completion token
+        return torch.zeros(mask.shape, dtype=values.dtype, device=mask.device).masked_scatter(mask, values)
 
     def predict(self, batch, micro_batches):
         """(B, C) values of a whole batch, no gradients and no dropout (the critic's old values)."""

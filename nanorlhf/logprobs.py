@@ -1,37 +1,74 @@
 """Per-token log-probs of completion tokens, without ever holding full (B, T, vocab) fp32 logits.
 
-The backbone runs once on the padded batch; only the hidden states of positions that predict a
-completion token are kept (padding and prompt positions never reach the LM head), and the LM head +
-log-softmax run over them in chunks of `chunk_tokens`. With gradients, each chunk is checkpointed, so
-backward recomputes that chunk's logits instead of storing them: peak memory is one chunk's logits.
+The backbone runs once per micro-batch. Its sequences are packed (`pack_rows`): several share a row as wide as
+the longest, with position_ids restarting at each sequence, from which transformers builds a block-causal mask
+(sdpa, eager, flash-attention, flex), so there is almost no padding; a model that cannot (`packing_works`) gets
+right-padded rows. Only the hidden states of positions that predict a completion token are kept (padding and
+prompt positions never reach the LM head), and the LM head + log-softmax run over them in chunks of
+`chunk_tokens`. With gradients no chunk's logits are kept: `_HeadLogprobs` computes the log-probs, the entropy
+and the sampler's view in one pass, and its backward recomputes the logits once: peak memory is one chunk's logits.
 """
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 
-def token_budget_batches(lengths, budget):
-    """Split sample indices into micro-batches whose padded size (count x longest) fits `budget` tokens.
+def pack_rows(lengths, width):
+    """First-fit decreasing: lists of sample indices whose lengths add up to at most `width` (at least the longest),
+    longest first."""
+    rows, free = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = next((r for r, space in enumerate(free) if space >= lengths[i]), None)
+        if r is None:
+            rows.append([])
+            free.append(width)
+            r = len(rows) - 1
+        rows[r].append(i)
+        free[r] -= lengths[i]
+    return rows
 
-    Samples are sorted longest first so that neighbours have similar lengths and padding stays small;
-    a sample longer than the budget gets a micro-batch of its own. Every index appears exactly once.
+
+def row_width(model, lengths):
+    """How wide to make the packed rows of a micro-batch: the longest sequence where attention computes every
+    pair of a row, masked or not (sdpa, eager: on CPU rows twice as wide made a step 1.2x slower at hidden 512,
+    benchmarks/train_phase.py); the whole micro-batch in one row where it skips the pairs of different
+    sequences (flash-attention's variable-length kernels, flex)."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    implementation = str(causal_lm.config._attn_implementation)
+    return sum(lengths) if "flash" in implementation or implementation == "flex_attention" else max(lengths)
+
+
+def token_budget_batches(lengths, budget, packed=False):
+    """Split sample indices into micro-batches of at most `budget` tokens.
+
+    Samples are sorted longest first, so neighbours have similar lengths. Padded, a micro-batch takes count x
+    longest token slots; `packed`, its samples share rows (`packed_inputs`) and the budget counts their tokens
+    (the rows' unused tails come on top). A sample longer than the budget gets a micro-batch of its own. Every
+    index appears exactly once.
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches, current = [], []
+    batches, current, tokens = [], [], 0
     for i in order:
-        if current and (len(current) + 1) * lengths[current[0]] > budget:
+        size = tokens + lengths[i] if packed else (len(current) + 1) * lengths[current[0] if current else i]
+        if current and size > budget:
             batches.append(current)
-            current = []
+            current, tokens = [], 0
         current.append(i)
+        tokens += lengths[i]
     if current:
         batches.append(current)
     return batches
 
 
-def padding_fraction(batches, lengths):
-    """Share of the padded token slots that are padding."""
-    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
-    return 1.0 - sum(lengths) / padded if padded else 0.0
+def padding_fraction(batches, lengths, model=None):
+    """Share of the micro-batches' token slots that are padding: rows x width, one row per sample when padded
+    (model None), packed rows (`row_width` of this model) otherwise."""
+    slots = 0
+    for b in batches:
+        sizes = [lengths[i] for i in b]
+        width = max(sizes) if model is None else row_width(model, sizes)
+        slots += (len(sizes) if model is None else len(pack_rows(sizes, width))) * width
+    return 1.0 - sum(lengths) / slots if slots else 0.0
 
 
 def right_pad(sequences, pad_id):
@@ -45,6 +82,68 @@ def right_pad(sequences, pad_id):
         input_ids[b, : lengths[b]] = torch.tensor(s)
         attention_mask[b, : lengths[b]] = 1
     return input_ids, attention_mask
+
+
+def packed_inputs(sequences, pad_id, width):
+    """(R, W) input_ids and position_ids of the sequences packed into rows of `width` tokens (`pack_rows`), and
+    `starts`: the (row, column) of each sequence's first token. The unused tail of a row restarts its positions
+    too, so it is a sequence of its own that no real token attends to."""
+    rows = pack_rows([len(s) for s in sequences], width)
+    input_ids = torch.full((len(rows), width), 0 if pad_id is None else pad_id, dtype=torch.long)
+    position_ids = torch.zeros_like(input_ids)
+    starts = [None] * len(sequences)
+    for r, row in enumerate(rows):
+        column = 0
+        for b in row:
+            n = len(sequences[b])
+            input_ids[r, column : column + n] = torch.tensor(sequences[b])
+            position_ids[r, column : column + n] = torch.arange(n)
+            starts[b] = (r, column)
+            column += n
+        position_ids[r, column:] = torch.arange(width - column)
+    return input_ids, position_ids, starts
+
+
+def completion_states(model, prompts, completions, pad_id, packed=True):
+    """The backbone's last hidden states at the positions that predict each completion token: (N, H), N = all
+    completion tokens in order, with their (N,) `targets` (the token each position predicts) and the (B, C)
+    `mask` that places them (C = longest completion). `model` is a causal LM (peft-wrapped or not)."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    device = next(model.parameters()).device
+    sequences = [p + c for p, c in zip(prompts, completions)]
+    if packed:
+        width = row_width(model, [len(s) for s in sequences])
+        input_ids, position_ids, starts = packed_inputs(sequences, pad_id, width)
+        inputs = {"position_ids": position_ids.to(device)}
+    else:
+        input_ids, attention_mask = right_pad(sequences, pad_id)
+        inputs, starts = {"attention_mask": attention_mask.to(device)}, [(b, 0) for b in range(len(sequences))]
+    rows, cols = [], []
+    for (row, column), p, c in zip(starts, prompts, completions):
+        rows += [row] * len(c)
+        cols += range(column + len(p) - 1, column + len(p) + len(c) - 1)  # position t predicts token t + 1
+    input_ids = input_ids.to(device)
+    # use_cache=False: a training forward must not build a KV cache (and checkpointing refuses to keep one)
+    hidden = causal_lm.get_decoder()(input_ids=input_ids, use_cache=False, **inputs).last_hidden_state
+    rows_t, cols_t = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
+    mask = torch.zeros(len(prompts), max(map(len, completions)), dtype=torch.bool, device=device)
+    for b, c in enumerate(completions):
+        mask[b, : len(c)] = True
+    return hidden[rows_t, cols_t], input_ids[rows_t, cols_t + 1], mask
+
+
+@torch.no_grad()
+def packing_works(model, pad_id):
+    """Whether packed rows keep sequences apart in this model: the log-probs of a sequence must not change when
+    the sequence packed before it in the same row does (they do where the attention ignores position_ids).
+    Call it with dropout off (nanorlhf.policy.evaluating)."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    tokens = torch.randint(0, vocab, (4, 12), generator=torch.Generator().manual_seed(0)).tolist()
+    # the 12-token sequence sets the row width; the two 6-token ones share a row, `before` first
+    seen = [completion_logprobs(model, [tokens[0][:4], before[:3], tokens[3][:3]],
+                                [tokens[0][4:], before[3:6], tokens[3][3:6]], pad_id)["logprobs"][2]
+            for before in tokens[1:3]]
+    return torch.allclose(*seen, rtol=0, atol=1e-3)
 
 
 def _nucleus_log_mass(logits, top_p):
@@ -62,9 +161,10 @@ def _nucleus_log_mass(logits, top_p):
 CANARY_STRIDE = 8
 
 
-def _chunk_logprobs(lm_head, hidden, targets, temperature, sampling):
-    """Written so that at most two (chunk, vocab) fp32 tensors are alive at once (three with top-p < 1)."""
-    logits = lm_head(hidden).float()  # (chunk, vocab)
+def _chunk_logprobs(logits, targets, temperature, sampling):
+    """Everything read off one chunk's fp32 logits (chunk, vocab): the targets' log-probs at `temperature`
+    (differentiable when grad is on), the entropy, and the sampler's view (no grad). Written so that at most two
+    (chunk, vocab) fp32 tensors are alive at once (three with top-p < 1)."""
     sampler = processed = measured = None
     if sampling is not None:  # the sampler's view, no grad: log-probs at its temperature, and after its top-p
         sample_temperature, top_p = sampling
@@ -91,7 +191,34 @@ def _chunk_logprobs(lm_head, hidden, targets, temperature, sampling):
     return token_logprobs, entropy, sampler, processed, measured
 
 
-def completion_logprobs(model, prompts, completions, pad_id, temperature=1.0, chunk_tokens=128, sampling=None):
+class _HeadLogprobs(torch.autograd.Function):
+    """_chunk_logprobs(hidden @ weight.T) of one chunk, keeping only (hidden, weight, targets) for backward, which
+    recomputes the logits once and applies d log_softmax(z)_y / dz = onehot(y) - softmax(z) (divided by the
+    temperature). Checkpointing the chunk instead would rerun the entropy and the sampler's view in backward too."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, sampling):
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.temperature = temperature
+        out = _chunk_logprobs(torch.nn.functional.linear(hidden, weight).float(), targets, temperature, sampling)
+        ctx.mark_non_differentiable(*out[1:])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad, *unused):
+        hidden, weight, targets = ctx.saved_tensors
+        logits = torch.nn.functional.linear(hidden, weight).float()
+        grad_logits = logits.div_(ctx.temperature).softmax(-1)  # (chunk, vocab)
+        del logits
+        grad_logits.mul_(-grad[:, None])[torch.arange(len(targets)), targets] += grad
+        grad_logits = grad_logits.div_(ctx.temperature).to(weight.dtype)
+        grad_hidden = grad_logits @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = grad_logits.T @ hidden if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_weight, None, None, None
+
+
+def completion_logprobs(model, prompts, completions, pad_id, temperature=1.0, chunk_tokens=128, sampling=None,
+                        packed=True):
     """Log-probs of each completion token given its prompt and the completion tokens before it.
 
     prompts, completions: lists of token-id lists. Returns (B, C) tensors, C = longest completion:
@@ -99,37 +226,27 @@ def completion_logprobs(model, prompts, completions, pad_id, temperature=1.0, ch
     (no grad) and the (B, C) `mask` of real completion tokens. With `sampling=(temperature, top_p)` of the
     engine, also (no grad) `sampler_logprobs` = log_softmax(logits / T_sampling) and `processed_logprobs`,
     the same renormalised over vLLM's top-p nucleus: what vLLM reports with logprobs_mode="processed_logprobs"
-    (with top-p < 1 only on the tokens of `canary_mask`, one in CANARY_STRIDE).
+    (with top-p < 1 only on the tokens of `canary_mask`, one in CANARY_STRIDE). `packed=False` pads instead of
+    packing (for a model where `packing_works` is False).
     """
+    hidden, targets, mask = completion_states(model, prompts, completions, pad_id, packed)
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    device = next(model.parameters()).device
-    input_ids, attention_mask = right_pad([p + c for p, c in zip(prompts, completions)], pad_id)
-    rows, cols, widths = [], [], []
-    for b, (p, c) in enumerate(zip(prompts, completions)):
-        rows += [b] * len(c)
-        cols += range(len(p) - 1, len(p) + len(c) - 1)  # position t predicts token t + 1
-        widths.append(len(c))
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    # use_cache=False: a training forward must not build a KV cache (and checkpointing refuses to keep one)
-    hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                     use_cache=False).last_hidden_state
-    rows_t, cols_t = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
-    hidden = hidden[rows_t, cols_t]  # (N, H): only positions that predict a completion token
-    targets = input_ids[rows_t, cols_t + 1]  # (N,)
     lm_head = causal_lm.get_output_embeddings()
+    plain_head = type(lm_head) is torch.nn.Linear and lm_head.bias is None  # not LoRA-wrapped, no bias
     pieces = []
     for start in range(0, len(targets), chunk_tokens):
-        args = (lm_head, hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens], temperature,
-                sampling)
-        pieces.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled()
-                      else _chunk_logprobs(*args))
+        chunk, chunk_targets = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
+        if plain_head:
+            pieces.append(_HeadLogprobs.apply(chunk, lm_head.weight, chunk_targets, temperature, sampling))
+        elif torch.is_grad_enabled():  # checkpointed: backward recomputes the chunk's logits
+            pieces.append(checkpoint(lambda h, t: _chunk_logprobs(lm_head(h).float(), t, temperature, sampling),
+                                     chunk, chunk_targets, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logprobs(lm_head(chunk).float(), chunk_targets, temperature, sampling))
     flat = [torch.cat(parts) for parts in zip(*pieces)]  # logprobs, entropy, sampler, processed, measured: (N,)
-    mask = torch.zeros(len(prompts), max(widths), dtype=torch.bool, device=device)
-    for b, w in enumerate(widths):
-        mask[b, :w] = True
     out = {}
     for key, values in zip(("logprobs", "entropy", "sampler_logprobs", "processed_logprobs", "canary_mask"), flat):
-        padded = torch.zeros(mask.shape, dtype=values.dtype, device=device)
+        padded = torch.zeros(mask.shape, dtype=values.dtype, device=mask.device)
         out[key] = padded.masked_scatter(mask, values)
     out["mask"] = mask
     if sampling is None:

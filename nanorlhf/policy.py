@@ -78,6 +78,15 @@ def merged_weights(model, dtype=None):
         yield name.removeprefix("base_model.model.") + ".weight", weight.to(dtype or weight.dtype)
 
 
+def adamw(params, learning_rate):
+    """AdamW without weight decay, fused (one kernel for all parameters, on GPU and CPU) where torch has it."""
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0, fused=True)
+    except RuntimeError:  # a device or dtype the fused kernel does not support
+        return torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+
+
 def move_optimizer_state(optimizer, to):
     """Move Adam's moment tensors to `to` ("cpu" while the engine generates, the GPU for the update).
     On a CPU-only machine this is a no-op."""

@@ -29,8 +29,9 @@ from nanorlhf.data import PromptStream, load_rows, template_kwargs
 from nanorlhf.engine import RolloutEngine, engine_lora_rank
 from nanorlhf.errors import UserError
 from nanorlhf.export import check_hub_credentials, export
-from nanorlhf.logprobs import IS_MODES, completion_logprobs, importance_weights, padding_fraction, token_budget_batches
-from nanorlhf.policy import device, evaluating, load_policy, merged_weights, move_optimizer_state
+from nanorlhf.logprobs import (IS_MODES, completion_logprobs, importance_weights, packing_works,
+                               padding_fraction, token_budget_batches)
+from nanorlhf.policy import adamw, device, evaluating, load_policy, merged_weights, move_optimizer_state
 from nanorlhf.rewards import build_rewards
 from nanorlhf.tasks import resolve
 from nanorlhf.tracking import Tracker
@@ -190,8 +191,9 @@ class Run:
 
         self.policy = load_policy(model_name, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
                                   cfg.dtype, cfg.gradient_checkpointing)
-        self.optimizer = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad],
-                                           lr=cfg.learning_rate, weight_decay=0.0)
+        with evaluating(self.policy):  # sequences packed into shared rows, unless this model's attention mixes them
+            self.packed = packing_works(self.policy, self.tokenizer.pad_token_id)
+        self.optimizer = adamw([p for p in self.policy.parameters() if p.requires_grad], cfg.learning_rate)
         self.scheduler = cosine_schedule(self.optimizer, self.total_steps * getattr(cfg, "ppo_epochs", 1),
                                          warmup_steps=cfg.warmup_steps)
         self.extra_modules, self.saved_modules = {}, {}  # see register()
@@ -424,17 +426,22 @@ class Run:
             batch[key] = value[torch.tensor(idx, dtype=torch.long)] if torch.is_tensor(value) else [value[i] for i in idx]
         return batch
 
-    def micro_batches(self, batch):
+    def micro_batches(self, batch, grad=True):
+        """Token-budget micro-batches of the batch and their padding fraction. Without gradients nothing is kept
+        for backward, so the budget is micro_batch_tokens_nograd (default 4 x micro_batch_tokens)."""
         lengths = [len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids)]
-        batches = token_budget_batches(lengths, self.cfg.micro_batch_tokens)
-        return batches, padding_fraction(batches, lengths)
+        budget = self.cfg.micro_batch_tokens if grad else self.cfg.micro_batch_tokens_nograd or \
+            4 * self.cfg.micro_batch_tokens
+        batches = token_budget_batches(lengths, budget, self.packed)
+        return batches, padding_fraction(batches, lengths, self.policy if self.packed else None)
 
     def logprobs(self, mb, temperature=None, sampling=False):
         """completion_logprobs of micro-batch mb at `temperature` (default: the sampling one); sampling=True adds the
         sampler's view (sampler_logprobs, processed_logprobs) at the engine's temperature and top-p."""
         return completion_logprobs(self.policy, mb.prompt_ids, mb.completion_ids, self.tokenizer.pad_token_id,
                                    self.cfg.temperature if temperature is None else temperature,
-                                   sampling=(self.cfg.temperature, self.cfg.top_p) if sampling else None)
+                                   sampling=(self.cfg.temperature, self.cfg.top_p) if sampling else None,
+                                   packed=self.packed)
 
     def reference_logprobs(self, batch, temperature=None):
         """(B, C) log-probs under the reference policy: the same base model with the LoRA adapter disabled."""
@@ -445,7 +452,7 @@ class Run:
         """(B, C) log-probs of the sampled tokens under the current policy, no grad and no dropout (0 on padding).
         Timed as time_reference, with the other no-grad passes before the update."""
         out = torch.zeros(batch.vllm_logprobs.shape, device=device())
-        batches, _ = self.micro_batches(batch)
+        batches, _ = self.micro_batches(batch, grad=False)
         with self.timed("time_reference"), evaluating(self.policy):
             for idx in batches:
                 lp = self.logprobs(batch.select(idx, device()), temperature)["logprobs"]
@@ -467,12 +474,13 @@ class Run:
         batches, pad = self.micro_batches(batch)
         batch.old_logprobs = torch.zeros(batch.vllm_logprobs.shape, device=device())
         batch.is_weights = torch.zeros(batch.vllm_logprobs.shape, device=device())
-        sums, loss_sum, tokens = {}, 0.0, 0
-        sampler = {"canary": 0.0, "canary_tokens": 0, "ratio": 0.0, "ratio_max": 0.0, "clipped": 0.0}
+        # sums stay on the device until the end: one host sync per epoch, not several per micro-batch
+        sums, loss_sum = {}, 0.0
+        sampler = {"canary": 0.0, "canary_tokens": 0, "ratio": 0.0, "ratio_max": torch.zeros(()), "clipped": 0.0}
+        tokens = sum(map(len, batch.completion_ids))
 
         def observe(idx, mb, out):
             """Record the sampler's view of micro-batch idx: old log-probs, importance weights, canary."""
-            nonlocal tokens
             mask = out["mask"]
             weights, ratios, clipped = importance_weights(out["sampler_logprobs"], mb.vllm_logprobs, mask,
                                                           cfg.vllm_is_correction, cfg.vllm_is_cap)
@@ -480,12 +488,11 @@ class Run:
             batch.old_logprobs[rows, :width] = out["sampler_logprobs"]
             batch.is_weights[rows, :width] = weights
             measured = out["canary_mask"]
-            sampler["canary"] += ((out["processed_logprobs"] - mb.vllm_logprobs).abs() * measured).sum().item()
-            sampler["canary_tokens"] += measured.sum().item()
-            sampler["ratio"] += ratios.sum().item()
-            sampler["ratio_max"] = max(sampler["ratio_max"], ratios.max().item())
-            sampler["clipped"] += clipped.sum().item()
-            tokens += mask.sum().item()
+            sampler["canary"] += ((out["processed_logprobs"] - mb.vllm_logprobs).abs() * measured).sum()
+            sampler["canary_tokens"] += measured.sum()
+            sampler["ratio"] += ratios.sum()
+            sampler["ratio_max"] = torch.maximum(sampler["ratio_max"], ratios.max())
+            sampler["clipped"] += clipped.sum()
             return out["sampler_logprobs"], weights
 
         # Without dropout, epoch 0's forward runs the very policy the engine sampled from: the sampler's view comes
@@ -493,7 +500,7 @@ class Run:
         separate = cfg.lora_dropout > 0
         if separate:
             with self.timed("time_old_logprobs"), evaluating(self.policy):
-                for idx in batches:
+                for idx in self.micro_batches(batch, grad=False)[0]:
                     mb = batch.select(idx, device())
                     observe(idx, mb, self.logprobs(mb, sampling=True))
         skipped = False
@@ -505,15 +512,16 @@ class Run:
                     mb = batch.select(idx, device())
                     out = self.logprobs(mb, temperature, sampling=epoch == 0 and not separate)
                     mb.completion_mask = out["mask"]
-                    n_tokens = out["mask"].sum().item()
                     if epoch == 0 and not separate:
                         mb.old_logprobs, mb.is_weights = observe(idx, mb, out)
                     loss, stats = loss_fn(out["logprobs"], out["entropy"], mb)
                     loss.backward()
-                    epoch_loss += loss.item()
-                    stats["entropy"] = (out["entropy"] * out["mask"]).sum().item() / max(n_tokens, 1)
+                    epoch_loss += loss.detach()
+                    n_tokens = sum(map(len, mb.completion_ids))
+                    stats["entropy"] = (out["entropy"] * out["mask"]).sum() / max(n_tokens, 1)
                     for k, v in stats.items():
-                        sums[k] = sums.get(k, 0.0) + float(v) * n_tokens
+                        sums[k] = sums.get(k, 0.0) + v * n_tokens
+                epoch_loss = float(epoch_loss)
                 loss_sum += epoch_loss / epochs
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     [p for p in self.policy.parameters() if p.requires_grad], self.cfg.max_grad_norm)
@@ -533,7 +541,8 @@ class Run:
             console.say(f"warning: step {self.step}: loss {epoch_loss:.4g}, gradient norm {grad_norm.item():.4g}; "
                         f"skipped {what} ({self.skipped_in_a_row} in a row; the run stops at --max_skipped_steps "
                         f"{cfg.max_skipped_steps})", err=True)
-        stats = {k: v / (tokens * epochs) for k, v in sums.items()}
+        sampler = {k: float(v) for k, v in sampler.items()}
+        stats = {k: float(v) / (tokens * epochs) for k, v in sums.items()}
         trained_tokens = epochs * sum(len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids))
         stats.update(loss=loss_sum, grad_norm=grad_norm.item(), skipped_steps=self.skipped_steps,
                      padding_fraction=pad, micro_batches=len(batches),

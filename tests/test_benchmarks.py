@@ -107,3 +107,15 @@ def test_update_fidelity_tiny(tmp_path):
     assert 0 < demo["pushed_bytes"]["lora"] < demo["pushed_bytes"]["merged"]  # A and B only
     assert data["decision"]["default"] in ("merged", "lora")
     assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_train_phase_tiny(tmp_path):
+    out = tmp_path / "train_phase.json"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_phase.py"), "--shape", "demo",
+                             "--tiny", "--json", str(out)], capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert list(data["variants"]) == ["padded", "packed", "fused_head", "nograd", "fused_adam"]
+    assert data["model_flops"] > 0 and data["matmul_flops_per_second"] > 0
+    for row in data["variants"].values():
+        assert row["tokens_per_second"] > 0 and 0 < row["mfu"] < 1 and 0 <= row["padding_fraction"] < 1

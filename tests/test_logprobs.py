@@ -3,7 +3,8 @@ import random
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from nanorlhf.logprobs import completion_logprobs, padding_fraction, token_budget_batches
+from nanorlhf.logprobs import (completion_logprobs, pack_rows, packed_inputs, packing_works, padding_fraction,
+                               token_budget_batches)
 
 
 def tiny_model():
@@ -38,6 +39,78 @@ def test_chunked_equals_log_softmax_gather_values_and_grads():
     model.zero_grad()
     sum(plain_logprobs(model, p, c, 0.7).sum() for p, c in zip(prompts, completions)).backward()
     assert torch.allclose(chunked_grad, model.model.embed_tokens.weight.grad, atol=1e-5)
+
+
+def lora_model():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model(), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at 0: give the adapter an effect, so its gradients all matter
+            torch.nn.init.normal_(param, std=0.05)
+    return model
+
+
+def outputs_and_grads(model, prompts, completions, **kwargs):
+    model.zero_grad()
+    out = completion_logprobs(model, prompts, completions, pad_id=0, temperature=0.7, chunk_tokens=8,
+                              sampling=(0.7, 0.9), **kwargs)
+    (out["logprobs"] * out["mask"]).sum().backward()
+    return out, torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+
+class CheckpointedHead(torch.nn.Linear):
+    """Not a plain nn.Linear: completion_logprobs takes its fallback path (each chunk checkpointed)."""
+
+
+def test_packed_micro_batch_equals_padded_one_values_and_grads():
+    """Issue 14: packing (shared rows, position_ids restarting) and the fused LM head must give the padded,
+    checkpointed path's log-probs, entropy, sampler view and gradients, to float tolerance."""
+    rng = random.Random(1)
+    prompts = [[rng.randrange(1, 300) for _ in range(rng.randrange(2, 9))] for _ in range(9)]
+    completions = [[rng.randrange(1, 300) for _ in range(rng.randrange(1, 20))] for _ in range(9)]
+    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+    assert len(pack_rows(lengths, max(lengths))) < len(lengths)  # rows really are shared
+    model = lora_model()
+    packed, packed_grads = outputs_and_grads(model, prompts, completions, packed=True)
+    padded, padded_grads = outputs_and_grads(model, prompts, completions, packed=False)
+    head = model.get_base_model().lm_head
+    head.__class__ = CheckpointedHead
+    fallback, fallback_grads = outputs_and_grads(model, prompts, completions, packed=False)
+    head.__class__ = torch.nn.Linear
+    for other, other_grads in ((padded, padded_grads), (fallback, fallback_grads)):
+        assert torch.equal(packed["mask"], other["mask"])
+        for key in ("logprobs", "entropy", "sampler_logprobs", "processed_logprobs"):
+            assert torch.allclose(packed[key], other[key], atol=1e-5), key
+        assert torch.equal(packed["canary_mask"], other["canary_mask"])
+        assert (packed_grads - other_grads).norm() <= 1e-5 * other_grads.norm()
+    assert padded_grads.norm() > 0
+
+
+def test_packed_rows_restart_positions_and_detect_models_that_ignore_them(monkeypatch):
+    input_ids, position_ids, starts = packed_inputs([[1, 2, 3], [4, 5], [6], [7, 8, 9]], pad_id=0, width=3)
+    assert input_ids.tolist() == [[1, 2, 3], [7, 8, 9], [4, 5, 6]]
+    assert position_ids.tolist() == [[0, 1, 2], [0, 1, 2], [0, 1, 0]]
+    assert starts == [(0, 0), (2, 0), (2, 2), (1, 0)]
+    model = tiny_model().eval()
+    assert packing_works(model, 0)
+    # an attention that reads no packing from position_ids lets a sequence see the one before it in its row
+    import transformers.masking_utils
+
+    monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    assert not packing_works(model, 0)
+
+
+def test_packed_micro_batches_fit_the_budget_with_less_padding():
+    rng = random.Random(0)
+    lengths = [rng.randint(20, 700) for _ in range(64)]
+    padded, packed = token_budget_batches(lengths, 4096), token_budget_batches(lengths, 4096, packed=True)
+    assert sorted(i for b in packed for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 4096 or len(b) == 1 for b in packed)
+    model = tiny_model()  # sdpa: rows as wide as the longest sequence; flash-attention: one row per micro-batch
+    assert padding_fraction(packed, lengths, model) < padding_fraction(packed, lengths)
+    model.config._attn_implementation = "flash_attention_2"
+    assert padding_fraction(packed, lengths, model) < 0.01 < padding_fraction(padded, lengths)
 
 
 def test_micro_batches_cover_every_sample_once_within_budget():
