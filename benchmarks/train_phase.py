@@ -60,6 +60,7 @@ def parse_args():
                    help="limit: every completion runs to max_new_tokens; early: uniform in 8..max_new_tokens")
     p.add_argument("--micro_batch_tokens", type=int, default=8192, help="the training budget (the scripts' default)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (after one warm-up round)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
     p.add_argument("--tiny", action="store_true", help="a few seconds: 2 prompts, 16 tokens, one round")
     p.add_argument("--json", help="write the results here")
     return p.parse_args()
@@ -146,9 +147,10 @@ def main():
     peak = matmul_flops(model.get_base_model().dtype)
     flops = model_flops(model, prompts, completions)
     tokens = sum(len(p) + len(c) for p, c in zip(prompts, completions))
-    seconds, cpu_seconds, padding = {v: [] for v in VARIANTS}, {v: [] for v in VARIANTS}, {}
+    variants = [v for v in VARIANTS if v in args.variants.split(",")]
+    seconds, cpu_seconds, padding = {v: [] for v in variants}, {v: [] for v in variants}, {}
     for round_ in range(args.rounds + 1):
-        order = VARIANTS[round_ % len(VARIANTS):] + VARIANTS[: round_ % len(VARIANTS)]
+        order = variants[round_ % len(variants):] + variants[: round_ % len(variants)]
         for variant in order:
             optimizer = optimizers["fused" if variant == "fused_adam" else "foreach"]
             start, cpu_start = time.perf_counter(), time.process_time()
@@ -161,9 +163,9 @@ def main():
     print(f"{args.shape} {args.dtype} {args.lengths} {args.max_new_tokens} tokens, {tokens} tokens per step, "
           f"matmul {peak / 1e9:.1f} GFLOP/s, {torch.get_num_threads()} threads")
     print(f"{'variant':<11} {'s/step':>7} {'tokens/s':>9} {'MFU':>6} {'padding':>8} {'vs padded':>9} "
-          f"{'CPU s':>7} {'vs padded (CPU s)':>18}")
-    base, cpu_base = statistics.median(seconds["padded"]), statistics.median(cpu_seconds["padded"])
-    for variant in VARIANTS:
+          f"{'CPU s':>7} {'vs padded (CPU s)':>18}" + ("" if variants[0] == "padded" else f"  (vs {variants[0]})"))
+    base, cpu_base = statistics.median(seconds[variants[0]]), statistics.median(cpu_seconds[variants[0]])
+    for variant in variants:
         s, cpu = statistics.median(seconds[variant]), statistics.median(cpu_seconds[variant])
         row = {"seconds": seconds[variant], "cpu_seconds": cpu_seconds[variant], "median_seconds": s,
                "tokens_per_second": tokens / s, "mfu": flops / s / peak, "padding_fraction": padding[variant],

@@ -148,29 +148,22 @@ def faulty_rewards(tmp_path_factory):
 # the kill points are drawn from these seeds; NANORLHF_FAULT_SEEDS=1,2,3 tries others (docs/reliability.md)
 @pytest.mark.parametrize("seed", [int(s) for s in os.environ.get("NANORLHF_FAULT_SEEDS", "0").split(",")])
 def test_killed_and_interrupted_runs_resume_as_the_same_run(reference_run, tmp_path, seed):
-    """kill -9 twice at random steps (seeded), then SIGTERM, each followed by --resume: metrics.jsonl holds each step
-    once with the uninterrupted run's values, and wandb continues the same run."""
+    """kill -9 at a random step (seeded), then SIGTERM of the resumed run, each followed by --resume: metrics.jsonl
+    holds each step once with the uninterrupted run's values, and wandb continues the same run."""
     output_dir = str(tmp_path / "run")
     rng = random.Random(seed)
     status, out = interrupt([*RUN, "--output_dir", output_dir, "--wandb", "true"], output_dir, rng.randint(3, 4),
                             signal.SIGKILL)
     assert status == -signal.SIGKILL
-    kills = [rows(output_dir)[-1]["step"]]
+    killed_at = rows(output_dir)[-1]["step"]
     wandb_id = open(os.path.join(output_dir, "wandb", "nanorlhf-run-id")).read()
-    for signum, ahead in ((signal.SIGKILL, rng.randint(1, 3)), (signal.SIGTERM, 1)):
-        resumed_from = max(checkpoint_steps(output_dir))
-        status, out = interrupt([*RUN, "--resume", output_dir, "--wandb", "true"], output_dir, resumed_from + ahead,
-                                signum)
-        assert f"continuing at step {resumed_from + 1}" in out, out[-3000:]
-        if status == 0:
-            break  # the run ended before the signal came
-        if signum == signal.SIGKILL:
-            assert status == -signal.SIGKILL
-            kills.append(rows(output_dir)[-1]["step"])
-        else:  # finishes the step, saves it, exits 128 + 15
-            assert status == 143, out[-3000:]
-            assert "Traceback" not in out
-            assert checkpoint_steps(output_dir)[-1] == rows(output_dir)[-1]["step"]
+    resumed_from = max(checkpoint_steps(output_dir))
+    status, out = interrupt([*RUN, "--resume", output_dir, "--wandb", "true"], output_dir,
+                            resumed_from + rng.randint(1, 3), signal.SIGTERM)
+    assert f"continuing at step {resumed_from + 1}" in out, out[-3000:]
+    if status != 0:  # 0: the run ended before the signal came; else it finishes the step, saves it, exits 128 + 15
+        assert status == 143 and "Traceback" not in out, out[-3000:]
+        assert checkpoint_steps(output_dir)[-1] == rows(output_dir)[-1]["step"]
     status, out = run(*RUN, "--resume", output_dir, "--wandb", "true", "--reward_timeout", "300")
     assert status == 0, out[-3000:]
     assert "changed since that checkpoint: reward_timeout 600.0 -> 300.0" in out
@@ -179,8 +172,8 @@ def test_killed_and_interrupted_runs_resume_as_the_same_run(reference_run, tmp_p
     assert len(checkpoint_steps(output_dir)) == 3 and checkpoint_steps(output_dir)[-1] == 8  # save_total_limit 3
     # every process of the run logged to the same wandb run
     segments = [d for d in os.listdir(os.path.join(output_dir, "wandb")) if d.startswith("offline-run-")]
-    assert len(segments) >= 3 and all(d.endswith(wandb_id) for d in segments), segments
-    print(f"seed {seed}: kill -9 after steps {kills} logged, SIGTERM, resumed each time: same run")
+    assert len(segments) >= 2 and all(d.endswith(wandb_id) for d in segments), segments
+    print(f"seed {seed}: kill -9 after step {killed_at} was logged, SIGTERM, resumed each time: same run")
 
 
 def test_reward_that_raises_stops_with_its_frames_after_saving(faulty_rewards, tmp_path):
