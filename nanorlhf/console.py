@@ -69,7 +69,7 @@ def stop():
     for fd, saved in zip((1, 2), _state["saved"]):
         os.dup2(saved, fd)
         os.close(saved)
-    if os.path.basename(_state["log"]).startswith("nanorlhf-"):  # stopped before a run folder existed (bad input): nothing to keep
+    if os.path.basename(_state["log"]).startswith("nanorlhf-"):  # no run folder yet (bad input): nothing to keep
         os.remove(_state["log"])
     _state["out"].close()
     _state["err"].close()

@@ -84,15 +84,15 @@ def gather(tensor):
     return torch.cat(parts)
 
 
-def on_whole_batch(fn, values):
-    """fn applied to the whole batch's values (gathered over the ranks), this rank's rows returned: batch-wide
-    statistics such as whitening see every rank's samples, as in one process."""
+def on_whole_batch(fn, *tensors):
+    """fn(*tensors) computed on the whole batch's rows (gathered over the ranks), this rank's rows of its result
+    returned: batch-wide statistics such as whitening see every rank's samples, as in one process."""
     if not active():
-        return fn(values)
-    sizes = [n for n in gather_objects(len(values))]
-    start = sum(sizes[: rank()])
-    out = fn(gather(values))[start : start + len(values)]
-    return out[:, : values.shape[1]].to(values.device) if values.dim() == 2 else out.to(values.device)
+        return fn(*tensors)
+    rows, width = len(tensors[0]), tensors[0].shape[1] if tensors[0].dim() == 2 else None
+    start = sum(gather_objects(rows)[: rank()])
+    out = fn(*[gather(t) for t in tensors])[start : start + rows]
+    return (out[:, :width] if width is not None else out).to(tensors[0].device)
 
 
 def any_rank(flag):

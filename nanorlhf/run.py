@@ -241,7 +241,8 @@ class Run:
         self.stepped, self.engine_stale = False, bool(checkpoint)
         if checkpoint:
             self.sync()
-        self.tracker = None if not distributed.is_main() else Tracker(self.output_dir, cfg, cfg.wandb, cfg.wandb_project, os.path.basename(self.output_dir),
+        self.tracker = None if not distributed.is_main() else Tracker(  # rank 0 writes the metrics
+                               self.output_dir, cfg, cfg.wandb, cfg.wandb_project, os.path.basename(self.output_dir),
                                self.total_steps * self.episodes_per_step,
                                (self.start_step - 1) * self.episodes_per_step,
                                resumed_step=self.start_step - 1 if checkpoint else None)
@@ -597,7 +598,8 @@ class Run:
                      lr=self.scheduler.get_last_lr()[0],
                      train_tokens_per_second=trained_tokens / self.times["time_train"],
                      # what the dropped samples (sparse) would have cost at the measured speed: an estimate
-                     time_saved_sparse=batch.dropped_tokens * epochs * self.times["time_train"] / max(trained_tokens, 1))
+                     time_saved_sparse=batch.dropped_tokens * epochs * self.times["time_train"]
+                     / max(trained_tokens, 1))
         return stats
 
     def sync(self):
