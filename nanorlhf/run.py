@@ -125,8 +125,12 @@ class Run:
         from transformers import AutoConfig, AutoTokenizer
 
         self.cfg, self.algo, self.times = cfg, algo, {}
-        distributed.setup()  # under torchrun: this process is one rank of the data-parallel group (else a no-op)
         self.world_size = distributed.world_size()
+        if cfg.prompts_per_step % self.world_size:
+            raise UserError(f"--prompts_per_step {cfg.prompts_per_step} does not split into whole prompt groups over "
+                            f"{self.world_size} processes: make prompts_per_step a multiple of the number of processes "
+                            "(torchrun's --nproc_per_node x --nnodes)")
+        distributed.setup()  # under torchrun: this process is one rank of the data-parallel group (else a no-op)
         console.say(f"{algo}: loading {cfg.model}" + ("" if cfg.verbose else
                     " (library output goes to run.log in the run folder; --verbose true shows it)"))
         if not cfg.verbose:
@@ -156,10 +160,6 @@ class Run:
         if cfg.save_total_limit < 0 or cfg.max_skipped_steps < 1:
             raise UserError("--save_total_limit must be 0 (keep all) or more and --max_skipped_steps at least 1, got "
                             f"{cfg.save_total_limit} and {cfg.max_skipped_steps}")
-        if cfg.prompts_per_step % self.world_size:
-            raise UserError(f"--prompts_per_step {cfg.prompts_per_step} does not split into whole prompt groups over "
-                            f"{self.world_size} processes: make prompts_per_step a multiple of the number of processes "
-                            "(torchrun's --nproc_per_node x --nnodes)")
         if self.total_steps < 1:
             raise UserError(f"--total_episodes {cfg.total_episodes} is less than one step "
                             f"(prompts_per_step x group_size = {self.episodes_per_step})")
