@@ -598,8 +598,8 @@ class Run:
                      lr=self.scheduler.get_last_lr()[0],
                      train_tokens_per_second=trained_tokens / self.times["time_train"],
                      # what the dropped samples (sparse) would have cost at the measured speed: an estimate
-                     time_saved_sparse=batch.dropped_tokens * epochs * self.times["time_train"]
-                     / max(trained_tokens, 1))
+                     time_saved_sparse=distributed.total(batch.dropped_tokens) * epochs * self.times["time_train"]
+                     / max(distributed.total(trained_tokens), 1))
         return stats
 
     def sync(self):
