@@ -111,6 +111,16 @@ def all_reduce_gradients(parameters):
         torch.distributed.all_reduce(p.grad)
 
 
+def tensor_parallel_group(size):
+    """The group of `size` consecutive ranks that share one vLLM engine (vllm_tensor_parallel_size), None for 1.
+    Every rank must call it (it creates every group)."""
+    if size == 1:
+        return None
+    group, _ = torch.distributed.new_subgroups_by_enumeration(
+        [list(range(first, first + size)) for first in range(0, world_size(), size)])
+    return group
+
+
 def broadcast_from_main(fn):
     """fn() run on rank 0 alone (e.g. preparing the run folder), its result, or its UserError, on every rank."""
     from nanorlhf.errors import UserError

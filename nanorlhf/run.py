@@ -126,6 +126,10 @@ class Run:
 
         self.cfg, self.algo, self.times = cfg, algo, {}
         self.world_size = distributed.world_size()
+        tp = cfg.vllm_tensor_parallel_size
+        if tp < 1 or self.world_size % tp:
+            raise UserError(f"--vllm_tensor_parallel_size {tp} must divide the number of processes, "
+                            f"{self.world_size}: start torchrun with a multiple of it (one process per GPU)")
         if cfg.prompts_per_step % self.world_size:
             raise UserError(f"--prompts_per_step {cfg.prompts_per_step} does not split into whole prompt groups over "
                             f"{self.world_size} processes: make prompts_per_step a multiple of the number of processes "
@@ -236,7 +240,8 @@ class Run:
                 console.say(f"  later checkpoints of the run that died renamed <name>.after-{progress['step']}: "
                       f"{', '.join(aside)}")
         self.engine = RolloutEngine(model_name, self.max_model_len, cfg.dtype, cfg.vllm_gpu_memory, cfg.seed,
-                                    max_lora_rank, external_launcher=self.world_size > 1)
+                                    max_lora_rank, external_launcher=self.world_size > 1,
+                                    tp_group=distributed.tensor_parallel_group(cfg.vllm_tensor_parallel_size))
         # stepped: the weights changed in this step (see failed); engine_stale: the engine's are behind (see sync)
         self.stepped, self.engine_stale = False, bool(checkpoint)
         if checkpoint:
@@ -427,7 +432,7 @@ class Run:
             move_optimizer_state(self.optimizer, "cpu")
             completions = self.engine.generate([p["token_ids"] for p in prompts], n, seed, cfg.max_new_tokens,
                                                cfg.temperature, cfg.top_p, with_greedy=with_greedy,
-                                               first_index=prompts[0].get("index", 0)) if prompts else []
+                                               first_index=prompts[0].get("index", 0) if prompts else 0)
             self.engine.sleep()
         tokens = sum(len(c.token_ids) for c in completions)  # summed over the step's calls (GRPO's dynamic sampling)
         self.times["generated_tokens"] = self.times.get("generated_tokens", 0) + tokens
@@ -626,7 +631,7 @@ class Run:
         prompts = self.eval_prompts[first : first + count]
         with self.timed("time_eval"):
             completions = self.engine.generate([p["token_ids"] for p in prompts], 1, 0,
-                                               self.cfg.max_new_tokens, greedy=True) if prompts else []
+                                               self.cfg.max_new_tokens, greedy=True)
             self.engine.sleep()
             rewards, parts = self._rewards(prompts, completions)  # timed as eval, not as the step's score
         lengths = distributed.gather(torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float))

@@ -105,7 +105,13 @@ def test_resume_with_another_number_of_processes_is_refused(grpo_runs, tmp_path)
     assert "was trained on 2 process(es) but this run has 1; resume it with the same number" in result.stderr
 
 
-def test_a_world_size_that_does_not_divide_prompts_per_step_is_refused(monkeypatch):
+@pytest.mark.parametrize("args, message", [
+    (["--prompts_per_step", "3"], "--prompts_per_step 3 does not split into whole prompt groups over 2 processes: "
+     "make prompts_per_step a multiple of the number of processes (torchrun's --nproc_per_node x --nnodes)"),
+    (["--vllm_tensor_parallel_size", "4"], "--vllm_tensor_parallel_size 4 must divide the number of processes, 2: "
+     "start torchrun with a multiple of it (one process per GPU)"),
+])
+def test_a_world_size_that_does_not_fit_the_batch_or_the_engine_is_refused(monkeypatch, args, message):
     """Checked before the process group is joined, so one process that believes it is one of 2 says it (under
     torchrun rank 0 alone prints it, verified by hand; this saves the suite a 30 s launch)."""
     from conftest import load_script
@@ -115,10 +121,8 @@ def test_a_world_size_that_does_not_divide_prompts_per_step_is_refused(monkeypat
     from nanorlhf.run import Run
 
     grpo = load_script("GRPO/grpo.py")
-    cfg = parse_config(grpo.Config, [*SHORT, "--prompts_per_step", "3"], demo=grpo.DEMO)
+    cfg = parse_config(grpo.Config, [*SHORT, *args], demo=grpo.DEMO)
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError) as refused:
         Run(cfg, "grpo")
-    assert str(refused.value) == ("--prompts_per_step 3 does not split into whole prompt groups over 2 processes: "
-                                  "make prompts_per_step a multiple of the number of processes (torchrun's "
-                                  "--nproc_per_node x --nnodes)")
+    assert str(refused.value) == message
