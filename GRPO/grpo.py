@@ -41,7 +41,7 @@ from dataclasses import dataclass, replace
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `cd GRPO && python grpo.py`
-from nanorlhf import tasks  # noqa: E402
+from nanorlhf import distributed, tasks  # noqa: E402
 from nanorlhf.config import RunConfig, parse_config  # noqa: E402
 from nanorlhf.errors import UserError, exit_on_user_error  # noqa: E402
 
@@ -157,7 +157,8 @@ def select_completions(advantages, lengths, truncated, cfg):
     ones get no loss and do not count in the normaliser; sparse: zero-advantage ones are skipped too but still
     counted, so that (with kl_coef 0) sparse changes the time spent and nothing else."""
     trained = ~truncated if cfg.mask_truncated_completions else torch.ones_like(truncated)
-    normalizer = loss_normalizer(cfg.loss_type, lengths[trained], cfg.max_new_tokens)
+    # the whole batch's normaliser: under torchrun every rank's lengths (nanorlhf/distributed.py)
+    normalizer = loss_normalizer(cfg.loss_type, distributed.gather(lengths[trained]), cfg.max_new_tokens)
     keep = trained & (advantages != 0) if cfg.sparse else trained
     return keep, normalizer
 
@@ -235,11 +236,12 @@ def sample_groups(run, cfg, step):
     prompts_per_step), until prompts_per_step informative groups are found or max_refill_rounds rounds are spent.
 
     Returns the training groups (prompts, completions, rewards), everything generated (completions, rewards,
-    reward parts: what the step logs, an unbiased sample of the policy) and the number of refill rounds."""
+    reward parts: what the step logs, an unbiased sample of the policy) and the number of refill rounds.
+    Under torchrun each rank generates its share of each round, and the counts (kept, seen) are the whole step's."""
     G, wanted = cfg.group_size, cfg.prompts_per_step
-    prompts, completions, rewards = [], [], []  # the training groups
+    prompts, completions, rewards = [], [], []  # the training groups (this rank's)
     seen_completions, seen_rewards, seen_parts = [], [], []
-    n_prompts, seen_groups = wanted, 0
+    n_prompts, seen_groups, kept = wanted, 0, 0
     for refill_round in range(1 + (cfg.max_refill_rounds if cfg.dynamic_sampling else 0)):
         new_prompts = run.prompts.next(n_prompts)
         new = run.generate(new_prompts, n=G, seed=generation_seed(cfg.seed, step, refill_round))
@@ -252,17 +254,20 @@ def sample_groups(run, cfg, step):
         seen_rewards.append(new_rewards)
         seen_parts.append(parts)
         groups = range(len(new_prompts))
-        if cfg.dynamic_sampling:
-            groups = informative_groups(new_rewards, G).nonzero().flatten().tolist()[: wanted - len(prompts)]
+        if cfg.dynamic_sampling:  # the round's first informative groups, counted over every rank's share
+            chosen = distributed.gather(informative_groups(new_rewards, G)).nonzero().flatten().tolist()
+            chosen, (first, _) = chosen[: wanted - kept], distributed.shard(n_prompts)
+            groups = [g - first for g in chosen if first <= g < first + len(new_prompts)]
+        kept += len(chosen) if cfg.dynamic_sampling else n_prompts
         for g in groups:
             completions += [replace(c, prompt_index=len(prompts)) for c in new[g * G : (g + 1) * G]]
             rewards.append(new_rewards[g * G : (g + 1) * G])
             prompts.append(new_prompts[g])
-        seen_groups += len(new_prompts)
-        missing = wanted - len(prompts)
+        seen_groups += n_prompts
+        missing = wanted - kept
         if missing == 0:
             break
-        n_prompts = min(wanted, math.ceil(missing * seen_groups / max(len(prompts), 1)))
+        n_prompts = min(wanted, math.ceil(missing * seen_groups / max(kept, 1)))
     seen_parts = {name: torch.cat([p[name] for p in seen_parts]) for name in seen_parts[0]}
     rewards = torch.cat(rewards) if rewards else torch.zeros(0)
     return prompts, completions, rewards, (seen_completions, torch.cat(seen_rewards), seen_parts), refill_round
@@ -307,8 +312,8 @@ def main(cfg, algo="grpo"):
         prompts, completions, rewards, generated, refill_rounds = sample_groups(run, cfg, step)
         # 4. advantages; the completions that carry a loss (sparse GRPO skips those with no policy gradient)
         advantages = compute_advantages(rewards, cfg.group_size, cfg.scale_rewards)
-        if cfg.whiten_advantages:
-            advantages = whiten(advantages)
+        if cfg.whiten_advantages:  # over the whole batch (every rank's, under torchrun)
+            advantages = distributed.on_whole_batch(whiten, advantages)
         lengths = torch.tensor([len(c.token_ids) for c in completions])
         truncated = torch.tensor([c.truncated for c in completions], dtype=torch.bool)
         keep, normalizer = select_completions(advantages, lengths, truncated, cfg)
@@ -323,10 +328,11 @@ def main(cfg, algo="grpo"):
         run.sync()
         # 8. log (rewards and lengths of everything generated this step, dropped groups included)
         all_completions, all_rewards, all_parts = generated
-        informative = informative_groups(rewards, cfg.group_size).sum().item()
-        run.log(step, all_rewards, all_completions, kept_fraction=len(batch) / max(len(completions), 1),
+        informative = distributed.total(informative_groups(rewards, cfg.group_size).sum().item())
+        kept_fraction = distributed.total(len(batch)) / max(distributed.total(len(completions)), 1)
+        run.log(step, all_rewards, all_completions, kept_fraction=kept_fraction,
                 refill_rounds=refill_rounds, informative_groups=informative, **stats,
-                **{f"reward_{name}": values.mean().item() for name, values in all_parts.items()})
+                **{f"reward_{name}": distributed.gather(values).mean().item() for name, values in all_parts.items()})
 
 
 if __name__ == "__main__":

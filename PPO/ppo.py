@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `cd PPO && python ppo.py`
-from nanorlhf import console, tasks  # noqa: E402
+from nanorlhf import console, distributed, tasks  # noqa: E402
 from nanorlhf.config import RunConfig, parse_config  # noqa: E402
 from nanorlhf.errors import UserError, exit_on_user_error  # noqa: E402
 
@@ -187,7 +187,8 @@ def initialise_value_model(run, critic, cfg):
     """Fit the critic alone to the returns of the initial policy's rollouts, on fresh rollouts each step.
     The policy still equals the reference, so the KL penalty is 0 and the return of each token is its
     discounted score: GAE with lam = 1. Logged to value_init.jsonl (metrics.jsonl keeps PPO's steps)."""
-    with open(os.path.join(run.output_dir, "value_init.jsonl"), "w") as log:
+    # rank 0 writes the log (torchrun: os.devnull elsewhere)
+    with open(os.path.join(run.output_dir, "value_init.jsonl") if distributed.is_main() else os.devnull, "w") as log:
         for init_step in range(1, cfg.value_init_steps + 1):
             if run.stop_requested:  # Ctrl-C or SIGTERM: run.steps() exits before its first step
                 break
@@ -200,12 +201,13 @@ def initialise_value_model(run, critic, cfg):
             batch.old_values = critic.predict(batch, run.micro_batches(batch, grad=False)[0]).cpu()
             _, batch.returns = compute_gae(token_rewards(rewards, None, None, mask, 0.0), batch.old_values, mask,
                                            cfg.gamma, lam=1.0)
-            normalizer = mask.sum().item()
+            normalizer = distributed.total(mask.sum().item())  # the whole batch's tokens, over every rank
             stats = critic.update(batch, micro_batches, epochs=cfg.ppo_epochs, loss_fn=lambda values, mb:
                                   compute_value_loss(values, mb.old_values, mb.returns, mb.completion_mask, math.inf,
                                                      normalizer))
-            row = {"init_step": init_step, "reward_mean": rewards.mean().item(),
-                   "explained_variance": explained_variance(batch.old_values, batch.returns, mask),
+            row = {"init_step": init_step, "reward_mean": distributed.gather(rewards).mean().item(),
+                   "explained_variance": explained_variance(*map(distributed.gather, (batch.old_values,
+                                                                                        batch.returns, mask))),
                    "value_loss": stats["value_loss"]}
             log.write(json.dumps(row) + "\n")
             log.flush()
@@ -242,16 +244,17 @@ def main(cfg):
         if cfg.kl_coef > 0:
             batch.ref_logprobs = run.reference_logprobs(batch).cpu()
             logprobs = run.policy_logprobs(batch).cpu()
-            kl = ((logprobs - batch.ref_logprobs) * mask).sum().item() / mask.sum().item()
+            kl = distributed.total(((logprobs - batch.ref_logprobs) * mask).sum().item()) / distributed.total(
+                mask.sum().item())
         with run.timed("time_value"):
             batch.old_values = critic.predict(batch, run.micro_batches(batch, grad=False)[0]).cpu()
         # 5. advantages: per-token rewards (KL penalty, score on the last token), GAE on the critic's values
         rewards_per_token = token_rewards(rewards, logprobs, batch.ref_logprobs, mask, cfg.kl_coef)
         batch.advantages, batch.returns = compute_gae(rewards_per_token, batch.old_values, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            batch.advantages = whiten(batch.advantages, mask)
+        if cfg.whiten_advantages:  # over the whole batch's tokens (every rank's, under torchrun)
+            batch.advantages = distributed.on_whole_batch(whiten, batch.advantages, mask)
         # 6. loss, backward, optimizer step: the policy on the advantages, the critic on the returns
-        normalizer = mask.sum().item()  # token mean over the whole batch
+        normalizer = distributed.total(mask.sum().item())  # token mean over the whole batch (every rank's: torchrun)
         stats = run.update(batch, epochs=cfg.ppo_epochs, loss_fn=lambda logprobs, entropy, mb: compute_loss(
             logprobs, mb.old_logprobs, mb.advantages, mb.completion_mask, cfg.clip_eps, normalizer,
             is_weights=mb.is_weights))
@@ -262,7 +265,8 @@ def main(cfg):
         # 7. push the updated weights into the engine, in place
         run.sync()
         # 8. log
-        stats.update(explained_variance=explained_variance(batch.old_values, batch.returns, mask),
+        stats.update(explained_variance=explained_variance(*map(distributed.gather, (batch.old_values, batch.returns,
+                                                                                    mask))),  # whole batch's
                      non_score_reward=(rewards_per_token.sum() - rewards.sum()).item() / len(batch))
         run.log(step, rewards, completions, kl=kl, **stats,
                 **{f"reward_{name}": values.mean().item() for name, values in reward_parts.items()})

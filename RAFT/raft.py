@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `cd RAFT && python raft.py`
-from nanorlhf import tasks  # noqa: E402
+from nanorlhf import distributed, tasks  # noqa: E402
 from nanorlhf.config import RunConfig, parse_config  # noqa: E402
 from nanorlhf.errors import UserError, exit_on_user_error  # noqa: E402
 
@@ -139,7 +139,7 @@ def main(cfg):
         # 5. reference log-probs (adapter off); the policy's come inside the update
         batch.ref_logprobs = run.reference_logprobs(batch, temperature=1.0) if cfg.kl_coef > 0 and len(batch) else None
         # 6. loss, backward, optimizer step (at temperature 1: supervised learning, not the sampler's distribution)
-        normalizer = sum(map(len, batch.completion_ids))
+        normalizer = distributed.total(sum(map(len, batch.completion_ids)))  # over every rank (torchrun)
         stats = run.update(batch, epochs=cfg.ppo_epochs, temperature=1.0, loss_fn=lambda logprobs, entropy, mb:
                            compute_loss(logprobs, mb.ref_logprobs, mb.completion_mask, cfg.kl_coef, normalizer,
                                         is_weights=mb.is_weights))
@@ -147,7 +147,8 @@ def main(cfg):
         run.sync()
         # 8. log
         run.log(step, rewards, completions, kept_fraction=len(batch) / len(completions),
-                kept_reward_mean=rewards[keep].mean().item() if len(batch) else None, **stats,
+                kept_reward_mean=distributed.gather(rewards[keep]).mean().item() if distributed.total(len(batch))
+                else None, **stats,
                 **{f"reward_{name}": values.mean().item() for name, values in reward_parts.items()})
 
 

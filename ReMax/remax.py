@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `cd ReMax && python remax.py`
-from nanorlhf import tasks  # noqa: E402
+from nanorlhf import distributed, tasks  # noqa: E402
 from nanorlhf.config import RunConfig, parse_config  # noqa: E402
 from nanorlhf.errors import UserError, exit_on_user_error  # noqa: E402
 
@@ -149,13 +149,14 @@ def main(cfg):
         # 4. advantages against the greedy baseline; sparse drops the completions that carry no policy gradient
         advantages = compute_advantages(rewards, greedy_rewards, cfg.group_size)
         if cfg.whiten_advantages:
-            advantages = whiten(advantages)
+            advantages = distributed.on_whole_batch(whiten, advantages)  # every rank's, under torchrun
         keep = advantages != 0 if cfg.sparse else None
         batch = run.batch(prompts, completions, keep=keep, advantages=advantages)
         # 5. reference log-probs (adapter off); the policy's come inside the update
         batch.ref_logprobs = run.reference_logprobs(batch) if cfg.kl_coef > 0 and len(batch) else None
         # 6. loss, backward, optimizer step
-        normalizer = len(batch) if cfg.loss_type == "sequence" else sum(map(len, batch.completion_ids))
+        normalizer = distributed.total(len(batch) if cfg.loss_type == "sequence" else  # over every rank (torchrun)
+                                       sum(map(len, batch.completion_ids)))
         stats = run.update(batch, epochs=cfg.ppo_epochs, loss_fn=lambda logprobs, entropy, mb: compute_loss(
             logprobs, mb.old_logprobs, mb.ref_logprobs, mb.advantages,
             mb.completion_mask, cfg.clip_eps, cfg.kl_coef, cfg.loss_type, normalizer, is_weights=mb.is_weights))

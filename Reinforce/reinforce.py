@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `cd Reinforce && python reinforce.py`
-from nanorlhf import tasks  # noqa: E402
+from nanorlhf import distributed, tasks  # noqa: E402
 from nanorlhf.config import RunConfig, parse_config  # noqa: E402
 from nanorlhf.errors import UserError, exit_on_user_error  # noqa: E402
 
@@ -165,9 +165,11 @@ def main(cfg):
             kl = sequence_kl(run.policy_logprobs(batch), run.reference_logprobs(batch)).cpu()
         penalized_rewards = rewards - cfg.kl_coef * kl
         centred = group_centred(rewards, cfg.group_size) if cfg.baseline == "group" else rewards
-        batch.advantages = compute_advantages(centred - cfg.kl_coef * kl, cfg.whiten_advantages)
+        batch.advantages = distributed.on_whole_batch(  # whitened over every rank's completions (torchrun)
+            lambda r: compute_advantages(r, cfg.whiten_advantages), centred - cfg.kl_coef * kl)
         # 6. loss, backward, optimizer step
-        normalizer = len(batch) if cfg.loss_type == "sequence" else sum(map(len, batch.completion_ids))
+        normalizer = distributed.total(len(batch) if cfg.loss_type == "sequence" else  # over every rank (torchrun)
+                                       sum(map(len, batch.completion_ids)))
         stats = run.update(batch, epochs=cfg.ppo_epochs, loss_fn=lambda logprobs, entropy, mb: compute_loss(
             logprobs, mb.old_logprobs, mb.advantages, mb.completion_mask, cfg.clip_eps, cfg.loss_type, normalizer,
             is_weights=mb.is_weights))
@@ -175,7 +177,7 @@ def main(cfg):
         run.sync()
         # 8. log
         if cfg.kl_coef > 0:  # kl: the mean per-token log(pi / pi_ref) of the sampled tokens (the penalty's estimator)
-            stats["kl"] = kl.sum().item() / sum(map(len, batch.completion_ids))
+            stats["kl"] = distributed.total(kl.sum().item()) / distributed.total(sum(map(len, batch.completion_ids)))
         run.log(step, rewards, completions, reward_penalized_mean=penalized_rewards.mean().item(), **stats,
                 **{f"reward_{name}": values.mean().item() for name, values in reward_parts.items()})
 

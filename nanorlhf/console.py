@@ -14,6 +14,9 @@ import sys
 import tempfile
 
 _allowed = False  # set by the script's entry point (errors.exit_on_user_error)
+# Under torchrun only rank 0 talks to the terminal; rank r logs to run.rank<r>.log (nanorlhf/distributed.py)
+_RANK = int(os.environ.get("RANK", 0))
+running = False  # set once a run's steps begin: from then on an error may be one rank's alone (see say)
 _state = None  # while quiet: {"out", "err": the terminal, "saved": (fd 1, fd 2) copies, "log": path}
 
 
@@ -45,7 +48,7 @@ def attach(output_dir):
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    path = os.path.join(output_dir, "run.log")
+    path = os.path.join(output_dir, "run.log" if _RANK == 0 else f"run.rank{_RANK}.log")
     with open(path, "ab") as log, open(_state["log"], "rb") as early:
         shutil.copyfileobj(early, log)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
@@ -66,7 +69,7 @@ def stop():
     for fd, saved in zip((1, 2), _state["saved"]):
         os.dup2(saved, fd)
         os.close(saved)
-    if not _state["log"].endswith("run.log"):  # stopped before a run folder existed (bad input): nothing to keep
+    if os.path.basename(_state["log"]).startswith("nanorlhf-"):  # no run folder yet (bad input): nothing to keep
         os.remove(_state["log"])
     _state["out"].close()
     _state["err"].close()
@@ -78,8 +81,15 @@ def terminal(err=True):
     return (_state["err" if err else "out"]) if _state else (sys.stderr if err else sys.stdout)
 
 
-def say(text, err=False):
-    """Print a line for the user: on the terminal, and in run.log when quiet."""
+def say(text, err=False, every_rank=False):
+    """Print a line for the user: on the terminal, and in run.log when quiet. Under torchrun the other ranks write
+    it to their own log only, unless every_rank (an error that may be that rank's alone: then prefixed with it)."""
+    if _RANK != 0:
+        if _state is not None:
+            print(text, file=sys.stderr if err else sys.stdout, flush=True)
+        if every_rank:
+            print(f"rank {_RANK}: {text}", file=_state["err" if err else "out"] if _state else sys.stderr, flush=True)
+        return
     if _state is not None:
         print(text, file=_state["err" if err else "out"], flush=True)
     print(text, file=sys.stderr if err else sys.stdout, flush=True)

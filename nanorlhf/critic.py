@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 import torch
 
+from nanorlhf import distributed
 from nanorlhf.logprobs import completion_states
 from nanorlhf.policy import adamw, device, evaluating, move_optimizer_state
 
@@ -103,6 +104,8 @@ class Critic:
                     tokens += n_tokens
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + float(v) * n_tokens
+                # torchrun: each rank's loss is divided by the global normaliser, so the sum is the whole batch's
+                distributed.all_reduce_gradients(self.trainable)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.max_grad_norm)
                 if not torch.isfinite(grad_norm):  # a non-finite loss or gradient is never learned from
                     self.optimizer.zero_grad(set_to_none=True)
@@ -110,5 +113,7 @@ class Critic:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             move_optimizer_state(self.optimizer, "cpu")  # off the GPU while the engine generates
+        loss_sum, tokens = distributed.total(loss_sum), distributed.total(tokens)  # the whole batch's (torchrun)
+        sums = {k: distributed.total(sums[k]) for k in sorted(sums)}
         return {"value_loss": loss_sum, "value_grad_norm": grad_norm.item(),
                 **{k: v / max(tokens, 1) for k, v in sums.items()}}

@@ -11,6 +11,7 @@ import re
 
 import numpy as np
 
+from nanorlhf import distributed
 from nanorlhf.errors import UserError
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -79,10 +80,12 @@ class PromptStream:
     has its own, with `template_kwargs` as template variables), or with `template` (a str.format pattern with a
     {prompt} slot) when given. The reward functions see the prompt without the system message. Prompts longer than `max_prompt_tokens` are skipped and counted (`skipped`). `state()` /
     `load_state()` give the exact position, so a resumed run takes the same prompts it would have.
+    `shard`: under torchrun every rank reads the same n prompts and keeps its contiguous share of them (each prompt's
+    `index` is its position among the n), so all ranks stay at the same data position (nanorlhf/distributed.py).
     """
 
     def __init__(self, rows, tokenizer, prompt_field, max_prompt_tokens, seed, template="", system_prompt="",
-                 template_kwargs=None):
+                 template_kwargs=None, shard=False):
         if template and (system_prompt or template_kwargs):
             raise UserError("--system_prompt and --chat_template_kwargs apply through the chat template, which "
                             "--prompt_template replaces: write the system text into the template instead")
@@ -96,6 +99,7 @@ class PromptStream:
         self.system_prompt, self.template_kwargs = system_prompt, template_kwargs or {}
         self.epoch, self.cursor, self.skipped, self.taken = 0, 0, 0, 0
         self._order = None
+        self.shard = shard
 
     def _index(self):
         if self._order is None:
@@ -127,8 +131,10 @@ class PromptStream:
                 continue
             self.taken += 1
             fields = {k: v for k, v in row.items() if k not in ("prompts", "completions")}
-            prompts.append({"text": prompt_text(messages), "token_ids": token_ids, "fields": fields})
-        return prompts
+            prompts.append({"text": prompt_text(messages), "token_ids": token_ids, "fields": fields,
+                            "index": len(prompts)})
+        first, count = distributed.shard(n) if self.shard else (0, n)
+        return prompts[first : first + count]
 
     def state(self):
         return {"epoch": self.epoch, "cursor": self.cursor, "skipped": self.skipped, "taken": self.taken}

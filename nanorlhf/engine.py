@@ -74,9 +74,13 @@ def _load_lora_tensors(worker, lora_id, tensors, peft_config):
 class RolloutEngine:
     builds = 0  # LLM constructions in this process; a run must keep it at 1 (logged as engine_builds)
 
-    def __init__(self, model, max_model_len, dtype="bfloat16", gpu_memory_utilization=0.3, seed=0, max_lora_rank=0):
+    def __init__(self, model, max_model_len, dtype="bfloat16", gpu_memory_utilization=0.3, seed=0, max_lora_rank=0,
+                 external_launcher=False, tp_group=None):
         """max_lora_rank > 0 (one of LORA_RANKS): serve the policy through vLLM's LoRA kernels, the adapter
-        pushed by push_lora(); 0: the engine holds merged weights, pushed by push_weights()."""
+        pushed by push_lora(); 0: the engine holds merged weights, pushed by push_weights(). external_launcher: this
+        process is one rank of torchrun (nanorlhf/distributed.py) and the engine lives in this process; tp_group: the
+        torch.distributed group of the ranks that share this engine (tensor parallel), None when it is this rank's own.
+        """
         from vllm import LLM
 
         self.on_gpu = torch.cuda.is_available()
@@ -97,8 +101,11 @@ class RolloutEngine:
             # log-probs after temperature and top-p: the sampler's own distribution, what the importance weights
             # and the canary compare the trainer with (raw ones would be at temperature 1)
             logprobs_mode="processed_logprobs",
+            **({"distributed_executor_backend": "external_launcher"} if external_launcher else {}),
+            tensor_parallel_size=torch.distributed.get_world_size(tp_group) if tp_group is not None else 1,
             **lora,
         )
+        self.tp_group = tp_group
         self.lora_request = None  # the adapter every generate() uses, set by push_lora()
         self.pushed_bytes = 0  # size of the last push
         self.sleeping = set()  # what is offloaded: "weights", "kv_cache"
@@ -106,22 +113,33 @@ class RolloutEngine:
         RolloutEngine.builds += 1
 
     def generate(self, prompt_token_ids, n, seed, max_new_tokens, temperature=1.0, top_p=1.0, greedy=False,
-                 with_greedy=False):
+                 with_greedy=False, first_index=0):
         """Sample n completions per prompt; returns a prompt-major list (prompt 0's n, then prompt 1's, ...).
         `greedy`: decode greedily instead. `with_greedy`: also one greedy completion per prompt, in the same
         batch (one wake-up, the prompts' KV shared), listed after all the sampled ones.
 
         Every completion is its own request with its own seed drawn from `seed`, so a step's samples are
         all different, a new `seed` (base seed + step) gives new samples, and a rerun gives the same ones.
+        `first_index`: the position of prompt 0 in the step's whole batch (a rank's share starts there), so that
+        completion j of prompt p gets the same seed whatever the number of ranks.
         """
         from vllm import SamplingParams
 
+        mine = len(prompt_token_ids)
+        if self.tp_group is not None:  # the ranks sharing this engine pool their prompts: one batch, each its own back
+            shares = [None] * torch.distributed.get_world_size(self.tp_group)
+            torch.distributed.all_gather_object(shares, (list(prompt_token_ids), first_index), group=self.tp_group)
+            offset = sum(len(ids) for ids, _ in shares[: torch.distributed.get_rank(self.tp_group)])
+            prompt_token_ids = [ids for share, _ in shares for ids in share]
+            first_index = next((first for share, first in shares if share), 0)  # the shares are contiguous
+        if not prompt_token_ids:
+            return []
         self.wake_up()
         if self.prefix_cache_stale:  # cached prompt KV was computed with the old weights
             self.llm.reset_prefix_cache()
             self.prefix_cache_stale = False
-        seeds = np.random.default_rng(seed).integers(0, 2**31 - 1, size=len(prompt_token_ids) * n)
-        sampled = [(i, 0.0 if greedy else temperature, 1.0 if greedy else top_p, int(seeds[i * n + j]))
+        seeds = np.random.default_rng(seed).integers(0, 2**31 - 1, size=(first_index + len(prompt_token_ids)) * n)
+        sampled = [(i, 0.0 if greedy else temperature, 1.0 if greedy else top_p, int(seeds[(first_index + i) * n + j]))
                    for i in range(len(prompt_token_ids)) for j in range(n)]
         greedy_extra = [(i, 0.0, 1.0, 0) for i in range(len(prompt_token_ids))] if with_greedy else []
         requests = [(i, SamplingParams(n=1, max_tokens=max_new_tokens, temperature=t, top_p=p, seed=s,
@@ -142,6 +160,9 @@ class RolloutEngine:
                     truncated=sample.finish_reason == "length",
                 )
             )
+        if self.tp_group is not None:
+            completions = [dataclasses.replace(c, prompt_index=c.prompt_index - offset) for c in completions
+                           if offset <= c.prompt_index < offset + mine]
         return completions
 
     @torch.no_grad()

@@ -19,7 +19,8 @@ def exit_on_user_error():
     try:
         yield
     except UserError as e:
-        console.say(f"error: {e}", err=True)
+        # under torchrun an error in the setup is every rank's own (rank 0 says it); a later one may be one rank's
+        console.say(f"error: {e}", err=True, every_rank=console.running)
         console.stop()
         sys.exit(2)
     except Exception:

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from nanorlhf import console
+from nanorlhf import console, distributed
 from nanorlhf.checkpoint import (find_checkpoint, load_checkpoint, rng_state, save_checkpoint, saved_config,
                                  set_aside_later_checkpoints, set_rng_state, tidy_run_folder)
 from nanorlhf.config import as_dict
@@ -81,6 +81,18 @@ def resume_changes(saved, current):
     return [f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()]
 
 
+def mean_over_ranks(metrics):
+    """Each numeric metric averaged over the torchrun ranks (a value every rank computed alike stays as it is;
+    a rank's own per-sample mean becomes the whole batch's when shares are equal); None where no rank has one."""
+    if distributed.world_size() == 1:
+        return metrics
+    gathered, out = distributed.gather_objects(metrics), {}
+    for key, value in metrics.items():
+        numbers = [m[key] for m in gathered if isinstance(m.get(key), (int, float)) and not isinstance(m[key], bool)]
+        out[key] = value if not numbers or len(set(numbers)) == 1 and value is not None else sum(numbers) / len(numbers)
+    return out
+
+
 def samples(prompts, completions, rewards, parts, count=4):
     """Rows of the samples table: the first completion of each of the first `count` prompts, with its rewards."""
     rows, seen = [], set()
@@ -114,6 +126,16 @@ class Run:
         from transformers import AutoConfig, AutoTokenizer
 
         self.cfg, self.algo, self.times = cfg, algo, {}
+        self.world_size = distributed.world_size()
+        tp = cfg.vllm_tensor_parallel_size
+        if tp < 1 or self.world_size % tp:
+            raise UserError(f"--vllm_tensor_parallel_size {tp} must divide the number of processes, "
+                            f"{self.world_size}: start torchrun with a multiple of it (one process per GPU)")
+        if cfg.prompts_per_step % self.world_size:
+            raise UserError(f"--prompts_per_step {cfg.prompts_per_step} does not split into whole prompt groups over "
+                            f"{self.world_size} processes: make prompts_per_step a multiple of the number of processes "
+                            "(torchrun's --nproc_per_node x --nnodes)")
+        distributed.setup()  # under torchrun: this process is one rank of the data-parallel group (else a no-op)
         console.say(f"{algo}: loading {cfg.model}" + ("" if cfg.verbose else
                     " (library output goes to run.log in the run folder; --verbose true shows it)"))
         if not cfg.verbose:
@@ -170,7 +192,7 @@ class Run:
         template = getattr(cfg, "prompt_template", "")
         chat = dict(system_prompt=cfg.system_prompt, template_kwargs=template_kwargs(cfg.chat_template_kwargs))
         self.prompts = PromptStream(load_rows(resolve(cfg.dataset)), self.tokenizer, cfg.prompt_field,
-                                    cfg.max_prompt_tokens, cfg.seed, template, **chat)
+                                    cfg.max_prompt_tokens, cfg.seed, template, **chat, shard=True)
         self.eval_prompts = []  # a greedy evaluation every eval_every steps (see evaluate)
         if cfg.eval_every > 0:
             if not cfg.eval_dataset and os.path.exists(resolve(cfg.dataset)):
@@ -183,9 +205,17 @@ class Run:
             self.eval_prompts = eval_stream.next(min(cfg.eval_limit, len(eval_rows)))
         if cfg.push_to_hub:  # a missing login says so now, not after the training
             check_hub_credentials(cfg.push_to_hub)
-        checkpoint = find_checkpoint(cfg.resume) if cfg.resume else None
+        # the run folder is rank 0's to tidy and write; the other ranks learn its path (and any error) from it
+        checkpoint = distributed.broadcast_from_main(lambda: find_checkpoint(cfg.resume)) if cfg.resume else None
         changes = resume_changes(saved_config(checkpoint), as_dict(cfg)) if checkpoint else []
-        self.output_dir = self._prepare_output_dir(checkpoint)
+        if checkpoint:
+            with open(os.path.join(checkpoint, "progress.json")) as f:
+                saved_world_size = json.load(f).get("world_size", 1)
+            if saved_world_size != self.world_size:
+                raise UserError(f"--resume: {checkpoint} was trained on {saved_world_size} process(es) but this run "
+                                f"has {self.world_size}; resume it with the same number (each rank's random state "
+                                "is saved with it), or start a new run")
+        self.output_dir = distributed.broadcast_from_main(lambda: self._prepare_output_dir(checkpoint))
         console.attach(self.output_dir)
         console.say(f"run folder: {self.output_dir}")
 
@@ -206,24 +236,27 @@ class Run:
             console.say(f"resumed from {checkpoint}: continuing at step {self.start_step}"
                   + "".join(f"\n  changed since that checkpoint: {c}" for c in changes))
             in_place = os.path.dirname(os.path.abspath(checkpoint)) == os.path.abspath(self.output_dir)
-            aside = set_aside_later_checkpoints(self.output_dir, progress["step"]) if in_place else []
+            aside = set_aside_later_checkpoints(self.output_dir, progress["step"]) \
+                if in_place and distributed.is_main() else []
             if aside:
                 console.say(f"  later checkpoints of the run that died renamed <name>.after-{progress['step']}: "
                       f"{', '.join(aside)}")
         self.engine = RolloutEngine(model_name, self.max_model_len, cfg.dtype, cfg.vllm_gpu_memory, cfg.seed,
-                                    max_lora_rank)
+                                    max_lora_rank, external_launcher=self.world_size > 1,
+                                    tp_group=distributed.tensor_parallel_group(cfg.vllm_tensor_parallel_size))
         # stepped: the weights changed in this step (see failed); engine_stale: the engine's are behind (see sync)
         self.stepped, self.engine_stale = False, bool(checkpoint)
         if checkpoint:
             self.sync()
-        self.tracker = Tracker(self.output_dir, cfg, cfg.wandb, cfg.wandb_project, os.path.basename(self.output_dir),
+        self.tracker = None if not distributed.is_main() else Tracker(  # rank 0 writes the metrics
+                               self.output_dir, cfg, cfg.wandb, cfg.wandb_project, os.path.basename(self.output_dir),
                                self.total_steps * self.episodes_per_step,
                                (self.start_step - 1) * self.episodes_per_step,
                                resumed_step=self.start_step - 1 if checkpoint else None)
         # after the engine and wandb, which seed or draw from the global generators: the resumed run's dropout masks
         # are the uninterrupted run's
         if saved_rng:
-            set_rng_state(saved_rng)
+            set_rng_state(saved_rng["ranks"][distributed.rank()] if "ranks" in saved_rng else saved_rng)
         self.step, self.snapshot, self.scored = None, None, None  # the step running, its start's data position and RNG
         self.skipped_steps, self.skipped_in_a_row = 0, 0
         # Ctrl-C and SIGTERM (a scheduler's preemption) finish the current step, save and exit: see steps()
@@ -249,7 +282,8 @@ class Run:
         self.closed = True
         for signum, handler in self.previous_handlers.items():
             signal.signal(signum, handler)
-        self.tracker.close()
+        if self.tracker:
+            self.tracker.close()
         console.say(f"run folder: {self.output_dir}")
 
     def _prepare_output_dir(self, checkpoint):
@@ -279,8 +313,13 @@ class Run:
         # the run's settings, so that it can be repeated from its folder: every field, and each command that ran in it
         with open(os.path.join(output_dir, "config.json"), "w") as f:
             json.dump(as_dict(cfg), f, indent=1)
+        launcher = [os.path.basename(sys.executable)]
+        if self.world_size > 1:  # how to start it again: torchrun's shape (one node's processes, the nodes)
+            nodes = self.world_size // int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+            launcher = ["torchrun", "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", str(self.world_size)),
+                        *(["--nnodes", str(nodes)] if nodes > 1 else [])]
         with open(os.path.join(output_dir, "command.txt"), "a") as f:
-            f.write(shlex.join([os.path.basename(sys.executable), *sys.argv]) + "\n")
+            f.write(shlex.join([*launcher, *sys.argv]) + "\n")
         return output_dir
 
     # --- the loop -------------------------------------------------------------------------------------
@@ -290,6 +329,7 @@ class Run:
         current step, saves a checkpoint and exits with status 130 or 143; a second one aborts at once.
         max_skipped_steps non-finite steps in a row (see update) stop the run with status 2."""
         cfg = self.cfg
+        console.running = True
         try:
             for step in range(self.start_step, self.total_steps + 1):
                 if self.stop_requested:  # came before the first step (PPO's value initialisation): nothing to save
@@ -300,6 +340,8 @@ class Run:
                 self.step, self.snapshot, self.stepped = step, {"data": self.prompts.state(), "rng": rng_state()}, False
                 self.scored = None  # the step's first scored batch, for the samples table (see log)
                 yield step
+                if distributed.any_rank(self.stop_requested) and not self.stop_requested:
+                    self.stop_signal = signal.SIGTERM  # another rank got it: every rank stops after the same step
                 stop = self.stop_requested or self.skipped_in_a_row >= cfg.max_skipped_steps
                 if stop or step % cfg.save_every == 0 or step == self.total_steps:
                     saved = self.save(step)
@@ -313,7 +355,7 @@ class Run:
                     console.say(f"{name}: saved {saved}; continue with --resume {self.output_dir}")
                     raise SystemExit(status)
             self.step = None
-            if self.start_step <= self.total_steps and cfg.export_model:
+            if self.start_step <= self.total_steps and cfg.export_model and distributed.is_main():
                 model_dir = os.path.join(self.output_dir, "model")
                 shutil.rmtree(model_dir, ignore_errors=True)  # a model exported by an earlier end of this run
                 export(saved, model_dir, cfg.push_to_hub, self.algo)
@@ -335,9 +377,17 @@ class Run:
         for name, p in self.policy.named_parameters():
             if p.requires_grad and not torch.isfinite(p).all():  # update() never lets this happen; never save it
                 raise RuntimeError(f"refusing to save non-finite weights ({name})")
-        progress = {"step": step, "episodes": step * self.episodes_per_step, "data": snapshot["data"]}
-        return save_checkpoint(self.output_dir, step, self.policy, self.optimizer, self.scheduler, progress,
-                               self.extra_modules, snapshot["rng"], as_dict(self.cfg), self.cfg.save_total_limit)
+        rng = snapshot["rng"]
+        if self.world_size > 1:  # the weights are the same on every rank, the random states are each rank's own
+            rng = {"ranks": distributed.gather_objects(rng)}
+        progress = {"step": step, "episodes": step * self.episodes_per_step, "data": snapshot["data"],
+                    "world_size": self.world_size}
+        path = os.path.join(self.output_dir, f"checkpoint-{step}")
+        if distributed.is_main():
+            path = save_checkpoint(self.output_dir, step, self.policy, self.optimizer, self.scheduler, progress,
+                                   self.extra_modules, rng, as_dict(self.cfg), self.cfg.save_total_limit)
+        distributed.barrier()  # no rank goes on (or exits) before the checkpoint is complete
+        return path
 
     def failed(self):
         """Save the last completed step for a run about to stop in the middle of step self.step, close the run, and
@@ -345,6 +395,8 @@ class Run:
         resume = f"continue with --resume {self.output_dir}"
         if self.step is None or self.step == 1:
             message = "No step was completed, so nothing was saved"
+        elif self.world_size > 1:  # a save takes every rank, and the others may be gone
+            message = f"The newest checkpoint in {self.output_dir} holds the last saved state; {resume}"
         elif self.stepped:  # this step already changed the weights: they are not the last completed step's any more
             message = f"The newest checkpoint in {self.output_dir} holds the last saved state; {resume}"
         else:
@@ -381,7 +433,8 @@ class Run:
         with self.timed("time_generate"):
             move_optimizer_state(self.optimizer, "cpu")
             completions = self.engine.generate([p["token_ids"] for p in prompts], n, seed, cfg.max_new_tokens,
-                                               cfg.temperature, cfg.top_p, with_greedy=with_greedy)
+                                               cfg.temperature, cfg.top_p, with_greedy=with_greedy,
+                                               first_index=prompts[0].get("index", 0) if prompts else 0)
             self.engine.sleep()
         tokens = sum(len(c.token_ids) for c in completions)  # summed over the step's calls (GRPO's dynamic sampling)
         self.times["generated_tokens"] = self.times.get("generated_tokens", 0) + tokens
@@ -468,7 +521,7 @@ class Run:
         batch's normaliser. `temperature`: of the log-probs the loss sees (default the sampling temperature).
         Returns the loss, the stats averaged over tokens, the logprob canary (vLLM vs trainer log-probs of the
         sampled tokens, same distribution) and the importance-weight stats."""
-        if len(batch) == 0:  # sparse GRPO dropped every completion: nothing to learn from this step
+        if distributed.total(len(batch)) == 0:  # sparse GRPO dropped every completion: nothing to learn from this step
             return {"loss": 0.0, "micro_batches": 0}
         cfg = self.cfg
         batches, pad = self.micro_batches(batch)
@@ -521,7 +574,9 @@ class Run:
                     stats["entropy"] = (out["entropy"] * out["mask"]).sum() / max(n_tokens, 1)
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v * n_tokens
-                epoch_loss = float(epoch_loss)
+                # torchrun: every rank's loss is divided by the global normaliser, so the sums are the whole batch's
+                epoch_loss = distributed.total(float(epoch_loss))
+                distributed.all_reduce_gradients([p for p in self.policy.parameters() if p.requires_grad])
                 loss_sum += epoch_loss / epochs
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     [p for p in self.policy.parameters() if p.requires_grad], self.cfg.max_grad_norm)
@@ -541,8 +596,13 @@ class Run:
             console.say(f"warning: step {self.step}: loss {epoch_loss:.4g}, gradient norm {grad_norm.item():.4g}; "
                         f"skipped {what} ({self.skipped_in_a_row} in a row; the run stops at --max_skipped_steps "
                         f"{cfg.max_skipped_steps})", err=True)
-        sampler = {k: float(v) for k, v in sampler.items()}
-        stats = {k: float(v) / (tokens * epochs) for k, v in sums.items()}
+        sampler, sums = {k: float(v) for k, v in sampler.items()}, {k: float(v) for k, v in sums.items()}
+        if self.world_size > 1:  # the whole batch's stats: sums over the ranks
+            keys = sorted(set().union(*distributed.gather_objects(list(sums))))
+            sums = {k: distributed.total(sums.get(k, 0.0)) for k in keys}
+            tokens, sampler["ratio_max"] = distributed.total(tokens), distributed.maximum(sampler["ratio_max"])
+            sampler.update({k: distributed.total(sampler[k]) for k in ("canary", "canary_tokens", "ratio", "clipped")})
+        stats = {k: v / max(tokens * epochs, 1) for k, v in sums.items()}
         trained_tokens = epochs * sum(len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids))
         stats.update(loss=loss_sum, grad_norm=grad_norm.item(), skipped_steps=self.skipped_steps,
                      padding_fraction=pad, micro_batches=len(batches),
@@ -551,7 +611,8 @@ class Run:
                      lr=self.scheduler.get_last_lr()[0],
                      train_tokens_per_second=trained_tokens / self.times["time_train"],
                      # what the dropped samples (sparse) would have cost at the measured speed: an estimate
-                     time_saved_sparse=batch.dropped_tokens * epochs * self.times["time_train"] / trained_tokens)
+                     time_saved_sparse=distributed.total(batch.dropped_tokens) * epochs * self.times["time_train"]
+                     / max(distributed.total(trained_tokens), 1))
         return stats
 
     def sync(self):
@@ -574,18 +635,25 @@ class Run:
     def evaluate(self):
         """Greedy completions of the evaluation prompts, scored by the run's rewards (with a 0/1 reward such
         as a math verifier, eval_reward_mean is the accuracy)."""
+        first, count = distributed.shard(len(self.eval_prompts))  # under torchrun each rank takes its share
+        prompts = self.eval_prompts[first : first + count]
         with self.timed("time_eval"):
-            completions = self.engine.generate([p["token_ids"] for p in self.eval_prompts], 1, 0,
+            completions = self.engine.generate([p["token_ids"] for p in prompts], 1, 0,
                                                self.cfg.max_new_tokens, greedy=True)
             self.engine.sleep()
-            rewards, parts = self._rewards(self.eval_prompts, completions)  # timed as eval, not as the step's score
-        return {"eval_reward_mean": rewards.mean().item(),
+            rewards, parts = self._rewards(prompts, completions)  # timed as eval, not as the step's score
+        lengths = distributed.gather(torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float))
+        parts = {name: distributed.gather(values) for name, values in parts.items()}
+        return {"eval_reward_mean": distributed.gather(rewards).mean().item(),
                 **{f"eval_reward_{name}": values.mean().item() for name, values in parts.items()},
-                "eval_response_length_mean": float(np.mean([len(c.token_ids) for c in completions]))}
+                "eval_response_length_mean": lengths.mean().item()}
 
     def log(self, step, rewards, completions, **metrics):
         """Write the step's metrics (metrics.jsonl, wandb, progress bar) and mark the step complete."""
-        lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float)
+        # under torchrun: the whole step's rewards and lengths (gathered), and the mean over the ranks of the rest
+        rewards = distributed.gather(rewards)
+        lengths = distributed.gather(torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float))
+        truncated = distributed.gather(torch.tensor([c.truncated for c in completions], dtype=torch.float))
         self.times["time_step"] = time.perf_counter() - self.times.pop("step_start")
         # counters a reward function carries in a `metrics` dict (e.g. the math verifier's timeouts), read before
         # the evaluation scores its own completions (a per-call counter would then hold the evaluation's)
@@ -599,7 +667,7 @@ class Run:
             "reward_mean": rewards.mean().item(),
             "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
             "response_length_mean": lengths.mean().item(),
-            "truncated_fraction": float(np.mean([c.truncated for c in completions])),
+            "truncated_fraction": truncated.mean().item(),
             "prompts_skipped": self.prompts.skipped,
             "engine_builds": RolloutEngine.builds,
             "kl": None,  # stays null when there is no reference pass (kl_coef 0)
@@ -608,7 +676,13 @@ class Run:
             **self.times,
             **metrics,
         }
+        row.update(mean_over_ranks({k: v for k, v in row.items() if k not in ("reward_mean", "reward_std")}))
+        for rate in ("generate_tokens_per_second", "train_tokens_per_second"):  # every rank works: the run's rate is
+            if rate in row:                                                      # about the sum of theirs
+                row[rate] *= self.world_size
+        if not self.tracker:  # rank 0 writes the run folder
+            return row
         self.tracker.log(row)
         if self.cfg.samples_every and self.scored and (step == 1 or step % self.cfg.samples_every == 0):
-            self.tracker.log_samples(step, samples(*self.scored))
+            self.tracker.log_samples(step, samples(*self.scored))  # rank 0's share: the step's first prompts
         return row

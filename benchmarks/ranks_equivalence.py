@@ -1,0 +1,75 @@
+"""One process vs `torchrun --nproc_per_node 2` on the same GRPO demo (CPU, gloo): the same global batch, so the
+same numbers (docs/scaling.md). Prints per-step reward_mean of both and |loss| / |grad_norm| differences, writes
+--json and a --plot of reward_mean per step and the differences on a log scale.
+
+    .venv/bin/python benchmarks/ranks_equivalence.py --json benchmarks/results/ranks_equivalence_cpu.json \
+        --plot docs/img/scaling_cpu.png                  (20 steps of 32 prompts x 8 completions, about 3 minutes)
+    --runs ONE TWO                                       plots two finished run folders instead of running them
+
+Throughput is not compared: on 2 cores the two ranks share the cores that one process had alone.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from nanorlhf.tracking import new_figure, save_figure  # noqa: E402
+
+
+def run(output_dir, ranks, episodes):
+    launcher = [sys.executable] if ranks == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
+    subprocess.run([*launcher, os.path.join(ROOT, "GRPO", "grpo.py"), "--demo", "--total_episodes", str(episodes),
+                    "--wandb", "false", "--export_model", "false", "--output_dir", output_dir], check=True, cwd=ROOT)
+    return output_dir
+
+
+def metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", nargs=2, help="two finished run folders: one process, two ranks")
+    parser.add_argument("--episodes", type=int, default=5120)  # 20 steps of the demo's 256 episodes
+    parser.add_argument("--json")
+    parser.add_argument("--plot")
+    args = parser.parse_args()
+    if args.runs:
+        one, two = args.runs
+    else:
+        tmp = tempfile.mkdtemp(prefix="ranks-")
+        one, two = run(os.path.join(tmp, "one"), 1, args.episodes), run(os.path.join(tmp, "two"), 2, args.episodes)
+    rows = [{"step": a["step"], "reward_mean_1": a["reward_mean"], "reward_mean_2": b["reward_mean"],
+             "loss_diff": abs(a["loss"] - b["loss"]), "grad_norm_diff": abs(a["grad_norm"] - b["grad_norm"])}
+            for a, b in zip(metrics(one), metrics(two))]
+    print(f"{'step':>4} {'reward 1 proc':>13} {'reward 2 ranks':>14} {'|loss diff|':>11} {'|grad_norm diff|':>16}")
+    for r in rows:
+        print(f"{r['step']:>4} {r['reward_mean_1']:>13.6f} {r['reward_mean_2']:>14.6f} {r['loss_diff']:>11.2e} "
+              f"{r['grad_norm_diff']:>16.2e}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"runs": [one, two], "steps": rows}, f, indent=1)
+    if args.plot:
+        fig, (left, right) = new_figure(1, 2, figsize=(10, 3.6))
+        steps = [r["step"] for r in rows]
+        left.plot(steps, [r["reward_mean_1"] for r in rows], "o-", label="1 process")
+        left.plot(steps, [r["reward_mean_2"] for r in rows], "x--", label="torchrun, 2 ranks")
+        left.set(xlabel="step", ylabel="reward_mean", title="GRPO demo: the same batch on 1 or 2 processes")
+        left.legend()
+        right.semilogy(steps, [max(r["loss_diff"], 1e-12) for r in rows], "o-", label="|loss difference|")
+        right.semilogy(steps, [max(r["grad_norm_diff"], 1e-12) for r in rows], "x-", label="|grad_norm difference|")
+        right.set(xlabel="step", title="1 vs 2 ranks: float32 rounding, grown by Adam")
+        right.legend()
+        save_figure(fig, args.plot)
+
+
+if __name__ == "__main__":
+    main()
