@@ -223,6 +223,8 @@ class Run:
                                   cfg.dtype, cfg.gradient_checkpointing)
         with evaluating(self.policy):  # sequences packed into shared rows, unless this model's attention mixes them
             self.packed = packing_works(self.policy, self.tokenizer.pad_token_id)
+        if not self.packed:
+            console.say("note: this model's attention mixes sequences packed into one row: micro-batches are padded")
         self.optimizer = adamw([p for p in self.policy.parameters() if p.requires_grad], cfg.learning_rate)
         self.scheduler = cosine_schedule(self.optimizer, self.total_steps * getattr(cfg, "ppo_epochs", 1),
                                          warmup_steps=cfg.warmup_steps)

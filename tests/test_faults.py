@@ -93,14 +93,18 @@ def interrupt(args, output_dir, step, signum):
     def logged():  # by this process: a resumed run first moves the dead run's later rows aside (a new file)
         if not os.path.exists(path) or os.path.getmtime(path) < started:
             return 0
-        lines = open(path).read().splitlines()
+        lines = open(path).read().split("\n")[:-1]  # whole lines only: the run may be writing the next one
         return json.loads(lines[-1])["step"] if lines else 0
 
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None and logged() < step:
-        time.sleep(0.02)
-    proc.send_signal(signum)
-    out, _ = proc.communicate(timeout=300)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None and logged() < step:
+            time.sleep(0.02)
+        proc.send_signal(signum)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:  # the test failed on the way: leave no run behind on the shared cores
+            proc.kill()
     return proc.returncode, out
 
 
