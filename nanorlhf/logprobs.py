@@ -1,7 +1,8 @@
 """Per-token log-probs of completion tokens, without ever holding full (B, T, vocab) fp32 logits.
 
-The backbone runs once per micro-batch. Its sequences are packed (`pack_rows`): several share a row as wide as
-the longest, with position_ids restarting at each sequence, from which transformers builds a block-causal mask
+The backbone runs once per micro-batch. Its sequences are packed (`pack_rows`): several share a row (as wide as the
+longest on sdpa and eager, the whole micro-batch on flash-attention: `row_width`), position_ids restarting at each
+sequence, from which transformers builds a block-causal mask
 (sdpa, eager, flash-attention, flex), so there is almost no padding; a model that cannot (`packing_works`) gets
 right-padded rows. Only the hidden states of positions that predict a completion token are kept (padding and
 prompt positions never reach the LM head), and the LM head + log-softmax run over them in chunks of
