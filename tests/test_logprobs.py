@@ -1,5 +1,7 @@
 import random
 
+import pytest
+
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -41,10 +43,14 @@ def test_chunked_equals_log_softmax_gather_values_and_grads():
     assert torch.allclose(chunked_grad, model.model.embed_tokens.weight.grad, atol=1e-5)
 
 
-def lora_model():
+def lora_model(dtype=torch.float32, checkpointing=False):
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(tiny_model(), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    base = tiny_model().to(dtype)
+    if checkpointing:  # as load_policy does: the decoder layers rerun in backward
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")).train()
     for name, param in model.named_parameters():
         if "lora_B" in name:  # peft starts B at 0: give the adapter an effect, so its gradients all matter
             torch.nn.init.normal_(param, std=0.05)
@@ -63,15 +69,20 @@ class CheckpointedHead(torch.nn.Linear):
     """Not a plain nn.Linear: completion_logprobs takes its fallback path (each chunk checkpointed)."""
 
 
-def test_packed_micro_batch_equals_padded_one_values_and_grads():
+# (dtype, gradient checkpointing, tolerance on log-probs, relative tolerance on gradients). Measured in bf16 with
+# checkpointing: log-probs identical, gradients 2e-7 apart; bf16 gets some room, as packing changes matmul shapes.
+@pytest.mark.parametrize("dtype, checkpointing, atol, rtol", [(torch.float32, False, 1e-5, 1e-5),
+                                                               (torch.bfloat16, True, 1e-3, 1e-3)])
+def test_packed_micro_batch_equals_padded_one_values_and_grads(dtype, checkpointing, atol, rtol):
     """Issue 14: packing (shared rows, position_ids restarting) and the fused LM head must give the padded,
-    checkpointed path's log-probs, entropy, sampler view and gradients, to float tolerance."""
+    checkpointed path's log-probs, entropy, sampler view and gradients, to float tolerance; also in the user's
+    bf16 + gradient checkpointing configuration."""
     rng = random.Random(1)
     prompts = [[rng.randrange(1, 300) for _ in range(rng.randrange(2, 9))] for _ in range(9)]
     completions = [[rng.randrange(1, 300) for _ in range(rng.randrange(1, 20))] for _ in range(9)]
     lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
     assert len(pack_rows(lengths, max(lengths))) < len(lengths)  # rows really are shared
-    model = lora_model()
+    model = lora_model(dtype, checkpointing)
     packed, packed_grads = outputs_and_grads(model, prompts, completions, packed=True)
     padded, padded_grads = outputs_and_grads(model, prompts, completions, packed=False)
     head = model.get_base_model().lm_head
@@ -81,9 +92,10 @@ def test_packed_micro_batch_equals_padded_one_values_and_grads():
     for other, other_grads in ((padded, padded_grads), (fallback, fallback_grads)):
         assert torch.equal(packed["mask"], other["mask"])
         for key in ("logprobs", "entropy", "sampler_logprobs", "processed_logprobs"):
-            assert torch.allclose(packed[key], other[key], atol=1e-5), key
+            assert torch.allclose(packed[key], other[key], atol=atol), (key, (packed[key] - other[key]).abs().max())
         assert torch.equal(packed["canary_mask"], other["canary_mask"])
-        assert (packed_grads - other_grads).norm() <= 1e-5 * other_grads.norm()
+        assert (packed_grads - other_grads).norm() <= rtol * other_grads.norm(), \
+            ((packed_grads - other_grads).norm() / other_grads.norm())
     assert padded_grads.norm() > 0
 
 
