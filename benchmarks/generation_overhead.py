@@ -25,7 +25,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from nanorlhf.engine import RolloutEngine  # noqa: E402  (sets vLLM's in-process environment first)
+from nanorlhf.engine import RolloutEngine, completion_seeds  # noqa: E402  (sets vLLM's in-process environment first)
 from nanorlhf.tiny import build_policy_at_shape  # noqa: E402
 
 VARIANTS = ("engine", "vllm_seeded", "vllm")
@@ -57,7 +57,7 @@ def call(engine, variant, prompts, args, seed):
     if variant == "engine":
         return sum(len(c.token_ids) for c in engine.generate(prompts, args.group_size, seed, args.max_new_tokens))
     if variant == "vllm_seeded":  # RolloutEngine.generate's requests, without anything around them
-        seeds = engine_seeds(seed, len(prompts) * args.group_size)
+        seeds = completion_seeds(seed, len(prompts) * args.group_size)
         params = [SamplingParams(n=1, max_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0, seed=s, logprobs=0)
                   for s in seeds]
         inputs = [{"prompt_token_ids": p} for p in prompts for _ in range(args.group_size)]
@@ -66,12 +66,6 @@ def call(engine, variant, prompts, args, seed):
         inputs = [{"prompt_token_ids": p} for p in prompts]
     outputs = engine.llm.generate(inputs, params, use_tqdm=False)
     return sum(len(o.token_ids) for out in outputs for o in out.outputs)
-
-
-def engine_seeds(seed, count):
-    import numpy as np
-
-    return [int(s) for s in np.random.default_rng(seed).integers(0, 2**31 - 1, size=count)]
 
 
 def main():

@@ -50,7 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import numpy as np  # noqa: E402
 
-from nanorlhf.engine import RolloutEngine  # noqa: E402  (sets vLLM's in-process environment first)
+from nanorlhf.engine import RolloutEngine, completion_seeds  # noqa: E402  (sets vLLM's in-process environment first)
 
 VARIANTS = ("seeded", "unseeded", "unseeded_n1")
 
@@ -109,8 +109,8 @@ def requests(variant, prompts, args):
     g = args.group_size
     if variant == "unseeded":
         return [{"prompt_token_ids": p} for p in prompts], [SamplingParams(n=g, **common) for _ in prompts]
-    seeds = np.random.default_rng(args.seed).integers(0, 2**31 - 1, size=len(prompts) * g)  # as the engine draws
-    params = [SamplingParams(n=1, seed=int(seeds[i]) if variant == "seeded" else None, **common)
+    seeds = completion_seeds(args.seed, len(prompts) * g)  # as the engine draws them
+    params = [SamplingParams(n=1, seed=seeds[i] if variant == "seeded" else None, **common)
               for i in range(len(prompts) * g)]
     return [{"prompt_token_ids": p} for p in prompts for _ in range(g)], params
 

@@ -45,6 +45,11 @@ class Completion:
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 
 
+def completion_seeds(seed, count):
+    """The sampling seeds of a step's first `count` completions (global order: prompt-major), drawn from `seed`."""
+    return [int(s) for s in np.random.default_rng(seed).integers(0, 2**31 - 1, size=count)]
+
+
 def engine_lora_rank(lora_r):
     """The smallest max_lora_rank vLLM accepts that holds a rank-`lora_r` adapter (--weight_sync lora)."""
     for rank in LORA_RANKS:
@@ -138,8 +143,8 @@ class RolloutEngine:
         if self.prefix_cache_stale:  # cached prompt KV was computed with the old weights
             self.llm.reset_prefix_cache()
             self.prefix_cache_stale = False
-        seeds = np.random.default_rng(seed).integers(0, 2**31 - 1, size=(first_index + len(prompt_token_ids)) * n)
-        sampled = [(i, 0.0 if greedy else temperature, 1.0 if greedy else top_p, int(seeds[(first_index + i) * n + j]))
+        seeds = completion_seeds(seed, (first_index + len(prompt_token_ids)) * n)
+        sampled = [(i, 0.0 if greedy else temperature, 1.0 if greedy else top_p, seeds[(first_index + i) * n + j])
                    for i in range(len(prompt_token_ids)) for j in range(n)]
         greedy_extra = [(i, 0.0, 1.0, 0) for i in range(len(prompt_token_ids))] if with_greedy else []
         requests = [(i, SamplingParams(n=1, max_tokens=max_new_tokens, temperature=t, top_p=p, seed=s,
