@@ -69,10 +69,12 @@ class CheckpointedHead(torch.nn.Linear):
     """Not a plain nn.Linear: completion_logprobs takes its fallback path (each chunk checkpointed)."""
 
 
-# (dtype, gradient checkpointing, tolerance on log-probs, relative tolerance on gradients). Measured in bf16 with
-# checkpointing: log-probs identical, gradients 2e-7 apart; bf16 gets some room, as packing changes matmul shapes.
+# (dtype, gradient checkpointing, tolerance on log-probs, relative tolerance on gradients). Packing changes the matmul
+# shapes, so a CPU with native bf16 kernels (AVX512-BF16) rounds differently: measured there, log-probs 1.4e-3 and
+# gradients 1.9e-3 apart (identical where torch upcasts bf16 matmuls). bf16's epsilon is 2^-7 = 7.8e-3; a packing bug
+# (sequences of a row attending to each other) gives 0.6 and 0.7, so 1e-2 separates rounding from a bug.
 @pytest.mark.parametrize("dtype, checkpointing, atol, rtol", [(torch.float32, False, 1e-5, 1e-5),
-                                                               (torch.bfloat16, True, 1e-3, 1e-3)])
+                                                               (torch.bfloat16, True, 1e-2, 1e-2)])
 def test_packed_micro_batch_equals_padded_one_values_and_grads(dtype, checkpointing, atol, rtol):
     """Issue 14: packing (shared rows, position_ids restarting) and the fused LM head must give the padded,
     checkpointed path's log-probs, entropy, sampler view and gradients, to float tolerance; also in the user's
