@@ -1,6 +1,8 @@
+import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -31,3 +33,33 @@ def grpo_demo_run(tmp_path_factory):
                             env=env, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-3000:]
     return output_dir, result
+
+
+def start_run(command):
+    """Start a run (its command line, launcher first) with its output on one pipe and no wandb credentials."""
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            stdin=subprocess.DEVNULL,
+                            env={k: v for k, v in os.environ.items() if not k.startswith("WANDB_")})
+
+
+def interrupt(command, output_dir, step, signum):
+    """Start a run, send `signum` once it has logged `step`; returns (exit status, output)."""
+    path, started = os.path.join(output_dir, "metrics.jsonl"), time.time()
+    proc = start_run(command)
+
+    def logged():  # by this process: a resumed run first moves the dead run's later rows aside (a new file)
+        if not os.path.exists(path) or os.path.getmtime(path) < started:
+            return 0
+        lines = open(path).read().split("\n")[:-1]  # whole lines only: the run may be writing the next one
+        return json.loads(lines[-1])["step"] if lines else 0
+
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None and logged() < step:
+            time.sleep(0.02)
+        proc.send_signal(signum)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:  # the test failed on the way: leave no run behind on the shared cores
+            proc.kill()
+    return proc.returncode, out

@@ -15,7 +15,7 @@ import time
 
 import pytest
 import torch
-from conftest import GRPO_SHORT
+from conftest import GRPO_SHORT, interrupt, start_run
 from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,9 +69,7 @@ def overflows(prompts, completions, **row):
 
 
 def start(*args, script=GRPO):
-    return subprocess.Popen([sys.executable, script, *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
-                            env={k: v for k, v in os.environ.items() if not k.startswith("WANDB_")})
+    return start_run([sys.executable, script, *args])
 
 
 def run(*args, script=GRPO):
@@ -83,29 +81,6 @@ def run(*args, script=GRPO):
 def rows(output_dir):
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
-
-
-def interrupt(args, output_dir, step, signum):
-    """Start the script, send `signum` once this process has logged `step`; returns (exit status, output)."""
-    path, started = os.path.join(output_dir, "metrics.jsonl"), time.time()
-    proc = start(*args)
-
-    def logged():  # by this process: a resumed run first moves the dead run's later rows aside (a new file)
-        if not os.path.exists(path) or os.path.getmtime(path) < started:
-            return 0
-        lines = open(path).read().split("\n")[:-1]  # whole lines only: the run may be writing the next one
-        return json.loads(lines[-1])["step"] if lines else 0
-
-    try:
-        deadline = time.time() + 600
-        while time.time() < deadline and proc.poll() is None and logged() < step:
-            time.sleep(0.02)
-        proc.send_signal(signum)
-        out, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:  # the test failed on the way: leave no run behind on the shared cores
-            proc.kill()
-    return proc.returncode, out
 
 
 def checkpoint_steps(output_dir):
@@ -156,13 +131,13 @@ def test_killed_and_interrupted_runs_resume_as_the_same_run(reference_run, tmp_p
     holds each step once with the uninterrupted run's values, and wandb continues the same run."""
     output_dir = str(tmp_path / "run")
     rng = random.Random(seed)
-    status, out = interrupt([*RUN, "--output_dir", output_dir, "--wandb", "true"], output_dir, rng.randint(3, 4),
-                            signal.SIGKILL)
+    status, out = interrupt([sys.executable, GRPO, *RUN, "--output_dir", output_dir, "--wandb", "true"], output_dir,
+                            rng.randint(3, 4), signal.SIGKILL)
     assert status == -signal.SIGKILL
     killed_at = rows(output_dir)[-1]["step"]
     wandb_id = open(os.path.join(output_dir, "wandb", "nanorlhf-run-id")).read()
     resumed_from = max(checkpoint_steps(output_dir))
-    status, out = interrupt([*RUN, "--resume", output_dir, "--wandb", "true"], output_dir,
+    status, out = interrupt([sys.executable, GRPO, *RUN, "--resume", output_dir, "--wandb", "true"], output_dir,
                             resumed_from + rng.randint(1, 3), signal.SIGTERM)
     assert f"continuing at step {resumed_from + 1}" in out, out[-3000:]
     if status != 0:  # 0: the run ended before the signal came; else it finishes the step, saves it, exits 128 + 15
