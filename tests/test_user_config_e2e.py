@@ -1,8 +1,9 @@
 """The configuration users run, at a realistic shape, on the real vLLM engine (CPU): a Qwen2-architecture model
 with head size 64, 4 layers and a 32k vocabulary (random weights, built locally), bfloat16 in the engine and the
 trainer, gradient checkpointing, LoRA dropout 0.05, r 64 on every linear layer, temperature 0.9 with top-p 0.95,
-and 256-token completions (a random model rarely stops early). Two GRPO and two PPO steps: the second step of
-each samples from the weights pushed after the first.
+and 256-token completions (a random model rarely stops early). Three GRPO steps, once straight through and once
+stopped by SIGTERM and resumed; two PPO steps. Every step after the first samples from the weights pushed after the
+step before (after a resume: the checkpoint's).
 
 One attention head of size 64 and 2 x 2 completions a step keep it affordable: on a CPU without AVX-512 torch's
 bfloat16 matmuls crawl (0.2 GFLOP/s measured on this project's 2-core AMD EPYC), and the 32k-vocabulary LM head
@@ -11,10 +12,12 @@ is most of the work."""
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
+from conftest import interrupt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # bf16 engine vs bf16 trainer, measured at this shape: 0.001-0.002 per token (different kernels and summation
@@ -60,9 +63,23 @@ def check(rows, steps):
 
 
 @pytest.mark.e2e
-def test_grpo_in_the_user_configuration(setup):
+def test_grpo_in_the_user_configuration_and_a_stopped_run_resumes_as_the_same_run(setup):
+    """Three steps; then the same run stopped by SIGTERM after step 1 (it finishes step 2 and saves it) and resumed:
+    the resumed engine must serve the trained adapter (canary) and the run must give the same numbers (bf16 on CPU
+    is deterministic: the same kernels on the same inputs, dropout masks and sampling seeds restored)."""
     root, common = setup
-    check(run("GRPO/grpo.py", common, str(root / "grpo"), "--total_episodes", "8"), 2)
+    reference = run("GRPO/grpo.py", common, str(root / "grpo"), "--total_episodes", "12")
+    check(reference, 3)
+    output_dir = str(root / "grpo-stopped")
+    args = ["--total_episodes", "12", "--output_dir", output_dir]
+    status, out = interrupt([sys.executable, os.path.join(ROOT, "GRPO", "grpo.py"), *common, *args], output_dir, 1,
+                            signal.SIGTERM)
+    assert status == 143 and "SIGTERM: saved" in out, out[-3000:]
+    rows = run("GRPO/grpo.py", common, output_dir, "--total_episodes", "12", "--resume", output_dir)
+    check(rows, 3)
+    for a, b in zip(rows, reference):
+        keys = [k for k in b if not k.startswith("time_") and not k.endswith("_per_second")]
+        assert {k: a[k] for k in keys} == pytest.approx({k: b[k] for k in keys}, rel=1e-5, abs=1e-6), a["step"]
 
 
 @pytest.mark.e2e
