@@ -391,13 +391,13 @@ class Run:
         distributed.barrier()  # no rank goes on (or exits) before the checkpoint is complete
         return path
 
-    def failed(self):
+    def failed(self, together=False):
         """Save the last completed step for a run about to stop in the middle of step self.step, close the run, and
-        say what was kept."""
+        say what was kept. together: every rank stops at this same point (under torchrun a save takes them all)."""
         resume = f"continue with --resume {self.output_dir}"
         if self.step is None or self.step == 1:
             message = "No step was completed, so nothing was saved"
-        elif self.world_size > 1:  # a save takes every rank, and the others may be gone
+        elif self.world_size > 1 and not together:  # a save takes every rank, and the others may be gone
             message = f"The newest checkpoint in {self.output_dir} holds the last saved state; {resume}"
         elif self.stepped:  # this step already changed the weights: they are not the last completed step's any more
             message = f"The newest checkpoint in {self.output_dir} holds the last saved state; {resume}"
@@ -457,11 +457,16 @@ class Run:
         last completed step."""
         rows = [prompts[c.prompt_index] for c in completions]
         fields = {k: [r["fields"][k] for r in rows] for k in rows[0]["fields"]} if rows else {}
+        error = None
         try:
-            return self.rewards([r["text"] for r in rows], [c.text for c in completions], fields)
+            rewards = self.rewards([r["text"] for r in rows], [c.text for c in completions], fields)
         except UserError as e:
-            message, _, frames = str(e).partition("\n")
-            raise UserError(f"{message}. {self.failed()}" + (f"\n{frames}" if frames else "")) from None
+            error = e
+        # under torchrun every rank scores at this point: all of them stop here together, so they can save together
+        if distributed.any_rank(error is not None):
+            message, _, frames = str(error or "another rank's reward failed (its message names it)").partition("\n")
+            raise UserError(f"{message}. {self.failed(together=True)}" + (f"\n{frames}" if frames else "")) from None
+        return rewards
 
     def batch(self, prompts, completions, keep=None, **per_sample):
         """A Batch of the kept completions with their prompts and any (N,) or (N, ...) per-sample tensors."""

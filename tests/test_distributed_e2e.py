@@ -148,6 +148,40 @@ def test_a_two_rank_run_stopped_and_resumed_is_the_same_run(demo_runs):
         torch.testing.assert_close(adapter(resumed, 60)[name], tensor, rtol=0, atol=1e-6)
 
 
+RANK_1_RAISES = """
+import os
+
+from nanorlhf.tasks import addition_reward
+
+calls = 0
+
+
+def score(prompts, completions, **row):
+    global calls
+    calls += 1
+    if calls == 3 and os.environ["RANK"] == "1":
+        raise ValueError("rank 1 cannot score")
+    return addition_reward(prompts, completions, **row)
+"""
+
+
+def test_a_reward_that_raises_on_one_rank_stops_every_rank_after_saving(tmp_path):
+    """As in one process (tests/test_faults.py): the last completed step is saved and the run stops with one sentence;
+    the other ranks stop at the same point instead of waiting for the failed one."""
+    (tmp_path / "faulty.py").write_text(RANK_1_RAISES)
+    output_dir = tmp_path / "run"
+    result = launch("GRPO/grpo.py", [*SHORT, "--save_every", "100", "--reward_fn", f"{tmp_path / 'faulty.py'}:score"],
+                    output_dir, ranks=2)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    saved = f"Saved the last completed step in {output_dir / 'checkpoint-2'}; continue with --resume {output_dir}"
+    assert f"rank 1: error: reward score raised ValueError: rank 1 cannot score. {saved}" in out, out[-3000:]
+    assert f"error: another rank's reward failed (its message names it). {saved}" in out, out[-3000:]
+    assert [r["step"] for r in metrics(output_dir)] == [1, 2]
+    with open(output_dir / "checkpoint-2" / "progress.json") as f:
+        assert json.load(f)["world_size"] == 2
+
+
 def test_resume_with_another_number_of_processes_is_refused(grpo_runs, tmp_path):
     _, two = grpo_runs
     result = launch("GRPO/grpo.py", [*SHORT, "--resume", two], tmp_path / "one")
