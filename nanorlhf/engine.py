@@ -23,6 +23,12 @@ import torch  # noqa: E402
 
 from nanorlhf.errors import UserError  # noqa: E402
 
+if not torch.cuda.is_available():
+    # vLLM's CPU backend compiles the model at every engine start, and its AOT compile cache never loads there (the
+    # artifact is a plain function: "'function' object has no attribute 'finalize_loading'"); its older compile
+    # cache does, which saves about 5 s of each start after the first (measured: engine init 9.2 s -> 5.1 s).
+    os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
+
 # A LoRA push reloads only the linear layers, and vLLM warns about every other weight on each push. A filter
 # (unlike a level) survives vLLM's logging reconfiguration.
 for _module in ("inplace", "layerwise"):

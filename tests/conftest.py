@@ -63,3 +63,12 @@ def interrupt(command, output_dir, step, signum):
         if proc.poll() is None:  # the test failed on the way: leave no run behind on the shared cores
             proc.kill()
     return proc.returncode, out
+
+
+def assert_same_metrics(rows, reference):
+    """A resumed run's metrics.jsonl rows are the uninterrupted run's: each step once, every value but the wall-clock
+    measurements (which differ between any two runs) within float32 rounding."""
+    assert [r["step"] for r in rows] == [r["step"] for r in reference]
+    for a, b in zip(rows, reference):
+        keys = [k for k in b if not k.startswith("time_") and not k.endswith("_per_second")]
+        assert {k: a[k] for k in keys} == pytest.approx({k: b[k] for k in keys}, rel=1e-5, abs=1e-6), a["step"]

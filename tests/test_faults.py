@@ -9,13 +9,12 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 
 import pytest
 import torch
-from conftest import GRPO_SHORT, interrupt, start_run
+from conftest import GRPO_SHORT, assert_same_metrics, interrupt, start_run
 from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +22,6 @@ GRPO = os.path.join(ROOT, "GRPO", "grpo.py")
 PPO = os.path.join(ROOT, "PPO", "ppo.py")
 RUN = [*GRPO_SHORT, "--wandb", "false"]  # 8 steps, a checkpoint every 2, dropout on (tests/conftest.py)
 NO_EVAL = [*RUN, "--eval_every", "0"]  # the faulty rewards count their calls: the evaluation's would count too
-NOT_COMPARED = ("time_", "_per_second")  # wall-clock measurements differ between any two runs
 
 FAULTY_REWARDS = '''
 import math
@@ -105,13 +103,6 @@ def assert_one_sentence(out, *words):
         assert w in error, error
 
 
-def assert_same_run(resumed, reference):
-    assert [r["step"] for r in resumed] == [r["step"] for r in reference]  # each step exactly once
-    for a, b in zip(resumed, reference):
-        keys = [k for k in b if not any(p in k for p in NOT_COMPARED)]
-        assert {k: a[k] for k in keys} == pytest.approx({k: b[k] for k in keys}, rel=1e-5, abs=1e-6), a["step"]
-
-
 @pytest.fixture(scope="module")
 def reference_run(grpo_demo_run):
     return grpo_demo_run[0]  # the uninterrupted run
@@ -146,7 +137,7 @@ def test_killed_and_interrupted_runs_resume_as_the_same_run(reference_run, tmp_p
     status, out = run(*RUN, "--resume", output_dir, "--wandb", "true", "--reward_timeout", "300")
     assert status == 0, out[-3000:]
     assert "changed since that checkpoint: reward_timeout 600.0 -> 300.0" in out
-    assert_same_run(rows(output_dir), rows(reference_run))
+    assert_same_metrics(rows(output_dir), rows(reference_run))
     assert not [d for d in os.listdir(output_dir) if d.startswith(".tmp-checkpoint") or d.endswith(".old")]
     assert len(checkpoint_steps(output_dir)) == 3 and checkpoint_steps(output_dir)[-1] == 8  # save_total_limit 3
     # every process of the run logged to the same wandb run

@@ -17,7 +17,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import interrupt
+from conftest import assert_same_metrics, interrupt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # bf16 engine vs bf16 trainer, measured at this shape: 0.001-0.002 per token (different kernels and summation
@@ -77,9 +77,7 @@ def test_grpo_in_the_user_configuration_and_a_stopped_run_resumes_as_the_same_ru
     assert status == 143 and "SIGTERM: saved" in out, out[-3000:]
     rows = run("GRPO/grpo.py", common, output_dir, "--total_episodes", "12", "--resume", output_dir)
     check(rows, 3)
-    for a, b in zip(rows, reference):
-        keys = [k for k in b if not k.startswith("time_") and not k.endswith("_per_second")]
-        assert {k: a[k] for k in keys} == pytest.approx({k: b[k] for k in keys}, rel=1e-5, abs=1e-6), a["step"]
+    assert_same_metrics(rows, reference)
 
 
 @pytest.mark.e2e
