@@ -5,11 +5,30 @@ import sys
 import time
 
 import pytest
+from filelock import FileLock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# pytest-xdist (pyproject.toml: -n 2) runs two test files at a time. Most of a test is a subprocess's start-up
+# (imports, vLLM's engine build: one core) and a tiny model's Python-bound steps, so two at a time halve the suite's
+# time; each worker's processes get their share of the cores, as an OpenMP thread spinning on a taken core costs
+# seconds a step. Set before torch is imported, so this process's own tests get it too.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
 from nanorlhf.config import load_module  # noqa: E402
+
+
+# The files that take longest (minutes each), first: pytest-xdist hands out whole files in this order (pyproject.toml:
+# --dist loadfile --no-loadscope-reorder), so the two workers finish about together.
+SLOW_FILES = ["test_distributed_e2e.py", "test_faults.py", "test_benchmarks.py", "test_user_config_e2e.py",
+              "test_bench_loop.py", "test_algorithms_e2e.py"]
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: SLOW_FILES.index(item.path.name) if item.path.name in SLOW_FILES else len(SLOW_FILES))
 
 
 def load_script(relpath):
@@ -23,14 +42,29 @@ GRPO_SHORT = ["--demo", "--total_episodes", "1024", "--prompts_per_step", "16", 
               "--lora_dropout", "0.05"]
 
 
+def run_grpo_demo(output_dir):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "GRPO", "grpo.py"), *GRPO_SHORT, "--output_dir",
+                           output_dir, "--wandb", "true"], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env=env, stdin=subprocess.DEVNULL)
+
+
 @pytest.fixture(scope="session")
 def grpo_demo_run(tmp_path_factory):
-    """(run folder, CompletedProcess) of GRPO_SHORT with wandb on and no credentials (offline, stdin closed)."""
-    output_dir = str(tmp_path_factory.mktemp("grpo") / "run")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "GRPO", "grpo.py"), *GRPO_SHORT, "--output_dir",
-                             output_dir, "--wandb", "true"], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                            env=env, stdin=subprocess.DEVNULL)
+    """(run folder, CompletedProcess) of GRPO_SHORT with wandb on and no credentials (offline, stdin closed). Under
+    pytest-xdist the first worker that needs it runs it, in the session's shared temporary folder, and the others
+    wait for it and read the same run."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        output_dir = str(tmp_path_factory.mktemp("grpo") / "run")
+        result = run_grpo_demo(output_dir)
+    else:
+        shared = tmp_path_factory.getbasetemp().parent  # this session's, above each worker's own folder
+        output_dir, record = str(shared / "grpo" / "run"), shared / "grpo.json"
+        with FileLock(str(shared / "grpo.lock")):
+            if not record.exists():
+                done = run_grpo_demo(output_dir)
+                record.write_text(json.dumps([done.args, done.returncode, done.stdout, done.stderr]))
+        result = subprocess.CompletedProcess(*json.loads(record.read_text()))
     assert result.returncode == 0, result.stderr[-3000:]
     return output_dir, result
 
