@@ -8,7 +8,9 @@ reward function (nanorlhf.tasks.addition_reward), group size, prompts per step, 
 loss_type "grpo"), dtype (float32), no gradient checkpointing, and the whole step's batch in one forward
 (nanoRLHF: one micro-batch; trl: per_device_train_batch_size = episodes per step, no gradient accumulation).
 With `--micro_batch_tokens N` nanoRLHF packs its own length-sorted token-budget micro-batches instead (the same
-gradient, less padding), while trl keeps its padded batch: what each library does by design.
+gradient, less padding), while trl keeps its padded batch: what each library does by design. With
+`--trl_batch_size 8` trl trains in its default micro-batches of 8 sequences (gradient accumulation over the step's
+batch, still one generation and one optimizer step per step): each side at its own defaults.
 
 - nanoRLHF: `GRPO/grpo.py` in a subprocess; per-step `time_step`, `time_generate` and generated tokens come
   from its metrics.jsonl, so the start-up (imports, vLLM engine build) is not counted.
@@ -56,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=1, help="runs per side, alternating which side goes first")
     p.add_argument("--micro_batch_tokens", type=int, default=0, help="nanoRLHF's token budget per micro-batch; "
                    "0 = the whole step in one micro-batch, like trl here (same shapes on both sides)")
+    p.add_argument("--trl_batch_size", type=int, default=0, help="trl's per_device_train_batch_size, with gradient "
+                   "accumulation making up the step (8 is trl's default); 0 = the whole step in one forward")
     p.add_argument("--gradient_checkpointing", action="store_true", help="on both sides (both libraries' default)")
     p.add_argument("--vocab", type=int, default=0, help="0: a 512-token BPE trained on the prompts (the random model "
                    "often ends early); N: a generated N-token vocabulary (at 32768 it almost never ends early)")
@@ -74,6 +78,8 @@ def parse_args(argv=None):
     if args.tiny:
         args.hidden, args.layers, args.max_new_tokens, args.steps = 128, 2, 16, 2
         args.prompts_per_step, args.group_size = 2, 4
+    if args.trl_batch_size and (args.prompts_per_step * args.group_size) % args.trl_batch_size:
+        p.error("--trl_batch_size must divide prompts_per_step x group_size (one optimizer step per generation)")
     if args.hidden % 64:
         p.error("--hidden must be a multiple of 64 (head size 64: vLLM's CPU attention needs >= 32)")
     return args
@@ -103,6 +109,10 @@ def build_inputs(workdir, args):
 
 def episodes_per_step(args):
     return args.prompts_per_step * args.group_size
+
+
+def trl_batch_size(args):
+    return args.trl_batch_size or episodes_per_step(args)
 
 
 def micro_batch_tokens(args):
@@ -162,8 +172,10 @@ def trl_config(args, out_dir):
     """The GRPOConfig keyword arguments that match run_nanorlhf's flags."""
     return dict(
         output_dir=out_dir,
-        per_device_train_batch_size=episodes_per_step(args),  # the whole generation batch in one forward ...
-        gradient_accumulation_steps=1,  # ... so generation batch = episodes per step = prompts x num_generations
+        # generation batch = per_device_train_batch_size x gradient_accumulation_steps = episodes per step: one
+        # generation and one optimizer step per step, as nanoRLHF; by default the whole batch in one forward
+        per_device_train_batch_size=trl_batch_size(args),
+        gradient_accumulation_steps=episodes_per_step(args) // trl_batch_size(args),
         num_generations=args.group_size,
         max_completion_length=args.max_new_tokens,
         temperature=1.0,
@@ -345,7 +357,8 @@ def main(args):
           f"vocabulary {args.vocab or 'trained BPE (512)'}, "
           f"lr {args.learning_rate}, KL {args.kl_coef}")
     print(f"nanoRLHF: vLLM {versions['vllm']} engine (persistent, in-place weight push), micro-batches of "
-          f"{micro_batch_tokens(args)} tokens; trl {versions['trl']}: use_vllm=False, Hugging Face generate (transformers "
+          f"{micro_batch_tokens(args)} tokens; trl {versions['trl']}: micro-batches of {trl_batch_size(args)} "
+          f"sequences, use_vllm=False, Hugging Face generate (transformers "
           f"{versions['transformers']})"
           + (" -- trl's colocated vLLM cannot load weights on the CPU backend" if device == "cpu" else ""))
     model, dataset = build_inputs(workdir, args)

@@ -14,7 +14,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 def test_vs_trl_tiny(tmp_path):
     out = tmp_path / "vs_trl.json"
     result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "vs_trl.py"), "--tiny",
-                             "--workdir", str(tmp_path / "work"), "--json", str(out)],
+                             "--trl_batch_size", "4", "--workdir", str(tmp_path / "work"), "--json", str(out)],
                             capture_output=True, text=True, timeout=600, env=ENV)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "use_vllm=False" in result.stdout
@@ -28,5 +28,11 @@ def test_vs_trl_tiny(tmp_path):
             assert side[key] > 0, key
         assert side["mean_completion_length"] <= 16
     assert report["trl_config"]["use_vllm"] is False
+    # trl at its own micro-batch size: 2 micro-batches of 4 per step, one generation of 2 prompts x 4 and one optimizer
+    # step each (so a timed step holds 8 episodes on both sides)
+    assert report["trl_config"]["per_device_train_batch_size"] == 4
+    assert report["trl_config"]["gradient_accumulation_steps"] == 2
+    for side in report["results"].values():
+        assert abs(side["seconds_per_step"] / side["seconds_per_episode"] - 8) < 1e-6
     assert report["engine_builds"] == [1]
     assert report["ratios"]["seconds_per_episode"] > 0
