@@ -3,10 +3,12 @@
 The backbone runs once per micro-batch. Its sequences are packed (`pack_rows`): several share a row (as wide as the
 longest on sdpa and eager, the whole micro-batch on flash-attention: `row_width`), position_ids restarting at each
 sequence, from which transformers builds a block-causal mask (sdpa, eager) or variable-length attention (flash,
-flex), so there is almost no padding; a model that cannot (`packing_works`) gets right-padded rows. Only the hidden states of positions that predict a completion token are kept (padding and
-prompt positions never reach the LM head), and the LM head + log-softmax run over them in chunks of
-`chunk_tokens`. With gradients no chunk's logits are kept: `_HeadLogprobs` computes the log-probs, the entropy
-and the sampler's view in one pass, and its backward recomputes the logits once: peak memory is one chunk's logits.
+flex), so there is almost no padding; a model that cannot (`packing_works`), and a micro-batch whose sequences
+would each fill a row alone, get right-padded rows. Only the hidden states of positions that predict a completion
+token are kept (padding and prompt positions never reach the LM head), and the LM head + log-softmax run over them
+in chunks of `chunk_tokens`. With gradients no chunk's logits are kept: `_HeadLogprobs` computes the log-probs, the
+entropy and the sampler's view in one pass, and its backward recomputes the logits once: peak memory is one chunk's
+logits.
 """
 
 import torch
