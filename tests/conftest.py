@@ -43,11 +43,15 @@ GRPO_SHORT = ["--demo", "--total_episodes", "1024", "--prompts_per_step", "16", 
               "--lora_dropout", "0.05"]
 
 
+def without_wandb_credentials():
+    """This process's environment without WANDB_* variables: runs with wandb on log offline, as a new user's do."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+
+
 def run_grpo_demo(output_dir):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     return subprocess.run([sys.executable, os.path.join(ROOT, "GRPO", "grpo.py"), *GRPO_SHORT, "--output_dir",
                            output_dir, "--wandb", "true"], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env=env, stdin=subprocess.DEVNULL)
+                          env=without_wandb_credentials(), stdin=subprocess.DEVNULL)
 
 
 @pytest.fixture(scope="session")
@@ -74,7 +78,7 @@ def start_run(command):
     """Start a run (its command line, launcher first) with its output on one pipe and no wandb credentials."""
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             stdin=subprocess.DEVNULL,
-                            env={k: v for k, v in os.environ.items() if not k.startswith("WANDB_")})
+                            env=without_wandb_credentials())
 
 
 def interrupt(command, output_dir, step, signum):
