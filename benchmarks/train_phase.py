@@ -8,7 +8,8 @@ one of issue 14's changes to the one before, all on the same model and batch, ta
   padded      right-padded micro-batches, each LM-head chunk checkpointed (backward reruns its entropy and
               sampler view), the no-grad passes on the training budget, AdamW's for-each implementation
   packed      + sequences packed into shared rows (position_ids restart per sequence; rows as wide as the longest)
-  fused_head  + the LM head's log-probs, entropy and sampler view in one pass; backward recomputes the logits once
+  fused_head  + the LM head's log-probs, entropy, sampler view and input gradient in one pass; backward only
+              scales that gradient (before 2026-12-03: backward recomputed the logits once)
   nograd      + no-grad passes on 4x the training budget (micro_batch_tokens_nograd's default)
   fused_adam  + fused AdamW: what nanoRLHF runs now
 

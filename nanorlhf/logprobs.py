@@ -7,8 +7,8 @@ flex), so there is almost no padding; a model that cannot (`packing_works`), and
 would each fill a row alone, get right-padded rows. Only the hidden states of positions that predict a completion
 token are kept (padding and prompt positions never reach the LM head), and the LM head + log-softmax run over them
 in chunks of `chunk_tokens`. With gradients no chunk's logits are kept: `_HeadLogprobs` computes the log-probs, the
-entropy and the sampler's view in one pass, and its backward recomputes the logits once: peak memory is one chunk's
-logits.
+entropy, the sampler's view and the log-probs' gradients with respect to the hidden states in one pass, so backward
+has no logits to recompute: peak memory is one chunk's logits.
 """
 
 import torch
@@ -168,10 +168,11 @@ def _nucleus_log_mass(logits, top_p):
 CANARY_STRIDE = 8
 
 
-def _chunk_logprobs(logits, targets, temperature, sampling):
+def _chunk_logprobs(logits, targets, temperature, sampling, head_weight=None):
     """Everything read off one chunk's fp32 logits (chunk, vocab): the targets' log-probs at `temperature`
-    (differentiable when grad is on), the entropy, and the sampler's view (no grad). Written so that at most two
-    (chunk, vocab) fp32 tensors are alive at once (three with top-p < 1)."""
+    (differentiable when grad is on), the entropy, the sampler's view (no grad), and with `head_weight` (vocab,
+    hidden) the gradient of each target's log-prob with respect to the hidden state that made its logits (else
+    None). Written so that at most two (chunk, vocab) fp32 tensors are alive at once (three with top-p < 1)."""
     sampler = processed = measured = None
     if sampling is not None:  # the sampler's view, no grad: log-probs at its temperature, and after its top-p
         sample_temperature, top_p = sampling
@@ -190,29 +191,43 @@ def _chunk_logprobs(logits, targets, temperature, sampling):
     logprobs = logits.log_softmax(-1)  # its backward needs only its output: the logits can go
     del logits
     token_logprobs = logprobs.gather(-1, targets[:, None])[:, 0]
+    direction = None
     with torch.no_grad():
-        entropy = -logprobs.exp().mul_(logprobs).sum(-1)
+        probs = logprobs.exp()
+        entropy = -(probs[:, None, :] @ logprobs[:, :, None]).view(-1)  # row-wise dot: no third (chunk, vocab)
+        if head_weight is not None:  # d log_softmax(h W^T / T)_y / dh = (onehot(y) - softmax) W / T
+            probs.neg_()[torch.arange(len(targets), device=targets.device), targets] += 1
+            direction = probs.div_(temperature).to(head_weight.dtype) @ head_weight
+        del probs
     if sampling is None:
         sampler = processed = entropy
         measured = torch.zeros_like(entropy, dtype=torch.bool)
-    return token_logprobs, entropy, sampler, processed, measured
+    return token_logprobs, entropy, sampler, processed, measured, direction
 
 
 class _HeadLogprobs(torch.autograd.Function):
-    """_chunk_logprobs(hidden @ weight.T) of one chunk, keeping only (hidden, weight, targets) for backward, which
-    recomputes the logits once and applies d log_softmax(z)_y / dz = onehot(y) - softmax(z) (divided by the
-    temperature). Checkpointing the chunk instead would rerun the entropy and the sampler's view in backward too."""
+    """_chunk_logprobs(hidden @ weight.T) of one chunk with gradients. Each target's log-prob depends on its own
+    hidden state alone, so the forward also computes its gradient with respect to that state (one (chunk, vocab) x
+    (vocab, hidden) matmul) and keeps only that: backward scales it by the incoming gradient, with no logits to
+    recompute. A head whose weight is trained too keeps (hidden, weight, targets) instead, and its backward
+    recomputes the logits once. Checkpointing the chunk would rerun the entropy and the sampler's view in backward
+    as well."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, sampling):
-        ctx.save_for_backward(hidden, weight, targets)
-        ctx.temperature = temperature
-        out = _chunk_logprobs(torch.nn.functional.linear(hidden, weight).float(), targets, temperature, sampling)
+        ctx.temperature, ctx.dtype = temperature, hidden.dtype
+        ahead = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
+        *out, direction = _chunk_logprobs(torch.nn.functional.linear(hidden, weight).float(), targets, temperature,
+                                          sampling, head_weight=weight if ahead else None)
+        ctx.save_for_backward(*((direction,) if ahead else (hidden, weight, targets)))
         ctx.mark_non_differentiable(*out[1:])
-        return out
+        return tuple(out)
 
     @staticmethod
     def backward(ctx, grad, *unused):
+        if len(ctx.saved_tensors) == 1:
+            (direction,) = ctx.saved_tensors
+            return (grad[:, None] * direction).to(ctx.dtype), None, None, None, None
         hidden, weight, targets = ctx.saved_tensors
         logits = torch.nn.functional.linear(hidden, weight).float()
         grad_logits = logits.div_(ctx.temperature).softmax(-1)  # (chunk, vocab)
@@ -243,13 +258,13 @@ def completion_logprobs(model, prompts, completions, pad_id, temperature=1.0, ch
     pieces = []
     for start in range(0, len(targets), chunk_tokens):
         chunk, chunk_targets = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
-        if plain_head:
+        if not torch.is_grad_enabled():
+            pieces.append(_chunk_logprobs(lm_head(chunk).float(), chunk_targets, temperature, sampling)[:5])
+        elif plain_head:
             pieces.append(_HeadLogprobs.apply(chunk, lm_head.weight, chunk_targets, temperature, sampling))
-        elif torch.is_grad_enabled():  # checkpointed: backward recomputes the chunk's logits
-            pieces.append(checkpoint(lambda h, t: _chunk_logprobs(lm_head(h).float(), t, temperature, sampling),
+        else:  # checkpointed: backward recomputes the chunk's logits
+            pieces.append(checkpoint(lambda h, t: _chunk_logprobs(lm_head(h).float(), t, temperature, sampling)[:5],
                                      chunk, chunk_targets, use_reentrant=False))
-        else:
-            pieces.append(_chunk_logprobs(lm_head(chunk).float(), chunk_targets, temperature, sampling))
     flat = [torch.cat(parts) for parts in zip(*pieces)]  # logprobs, entropy, sampler, processed, measured: (N,)
     out = {}
     for key, values in zip(("logprobs", "entropy", "sampler_logprobs", "processed_logprobs", "canary_mask"), flat):
