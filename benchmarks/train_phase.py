@@ -11,7 +11,8 @@ one of issue 14's changes to the one before, all on the same model and batch, ta
   fused_head  + the LM head's log-probs, entropy, sampler view and input gradient in one pass; backward only
               scales that gradient (before 2026-12-03: backward recomputed the logits once)
   nograd      + no-grad passes on 4x the training budget (micro_batch_tokens_nograd's default)
-  fused_adam  + fused AdamW: what nanoRLHF runs now
+  fused_adam  + fused AdamW
+  no_entropy  + the no-grad passes compute no entropy (nothing reads it there): what nanoRLHF runs now
 
 Tokens/s counts prompt + completion tokens of the step, over wall seconds; this process's CPU seconds are reported
 too (on shared cores run with OMP_NUM_THREADS=1 and compare those). MFU = model FLOPs / seconds / the matmul FLOP/s measured
@@ -41,7 +42,7 @@ from nanorlhf.logprobs import completion_logprobs, padding_fraction, token_budge
 from nanorlhf.policy import evaluating, load_policy  # noqa: E402
 from nanorlhf.tiny import build_policy_at_shape, build_tiny_policy  # noqa: E402
 
-VARIANTS = ("padded", "packed", "fused_head", "nograd", "fused_adam")
+VARIANTS = ("padded", "packed", "fused_head", "nograd", "fused_adam", "no_entropy")
 SHAPES = {"demo": dict(hidden_size=128, num_layers=2), "small": dict(hidden_size=512, num_layers=4)}
 
 
@@ -97,7 +98,7 @@ def model_flops(model, prompts, completions):
 def training_phase(model, optimizer, prompts, completions, variant, budget):
     """One step's training phase as Run.update does it, with the variant's changes switched on."""
     level = VARIANTS.index(variant)
-    packed, nograd_budget = level >= 1, budget * 4 if level >= 3 else budget
+    packed, nograd_budget, entropy = level >= 1, budget * 4 if level >= 3 else budget, level < 5
     head = model.get_base_model().lm_head
     head.__class__ = torch.nn.Linear if level >= 2 else CheckpointedHead
     lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
@@ -109,9 +110,9 @@ def training_phase(model, optimizer, prompts, completions, variant, budget):
     with evaluating(model):
         with model.disable_adapter():  # the reference
             for idx in token_budget_batches(lengths, nograd_budget, packed):
-                run(idx)
+                run(idx, entropy=entropy)
         for idx in token_budget_batches(lengths, nograd_budget, packed):  # old log-probs: the sampler's view
-            run(idx, sampling=(1.0, 1.0))
+            run(idx, sampling=(1.0, 1.0), entropy=entropy)
     batches = token_budget_batches(lengths, budget, packed)
     for idx in batches:
         out = run(idx)
@@ -153,7 +154,7 @@ def main():
     for round_ in range(args.rounds + 1):
         order = variants[round_ % len(variants):] + variants[: round_ % len(variants)]
         for variant in order:
-            optimizer = optimizers["fused" if variant == "fused_adam" else "foreach"]
+            optimizer = optimizers["fused" if variant in ("fused_adam", "no_entropy") else "foreach"]
             start, cpu_start = time.perf_counter(), time.process_time()
             padding[variant] = training_phase(model, optimizer, prompts, completions, variant, args.micro_batch_tokens)
             if round_ > 0:

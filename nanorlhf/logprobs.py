@@ -168,11 +168,12 @@ def _nucleus_log_mass(logits, top_p):
 CANARY_STRIDE = 8
 
 
-def _chunk_logprobs(logits, targets, temperature, sampling, head_weight=None):
+def _chunk_logprobs(logits, targets, temperature, sampling, head_weight=None, entropy=True):
     """Everything read off one chunk's fp32 logits (chunk, vocab): the targets' log-probs at `temperature`
-    (differentiable when grad is on), the entropy, the sampler's view (no grad), and with `head_weight` (vocab,
-    hidden) the gradient of each target's log-prob with respect to the hidden state that made its logits (else
-    None). Written so that at most two (chunk, vocab) fp32 tensors are alive at once (three with top-p < 1)."""
+    (differentiable when grad is on), the entropy (None with entropy=False), the sampler's view (no grad), and
+    with `head_weight` (vocab, hidden) the gradient of each target's log-prob with respect to the hidden state that
+    made its logits (else None). Written so that at most two (chunk, vocab) fp32 tensors are alive at once (three
+    with top-p < 1)."""
     sampler = processed = measured = None
     if sampling is not None:  # the sampler's view, no grad: log-probs at its temperature, and after its top-p
         sample_temperature, top_p = sampling
@@ -193,15 +194,18 @@ def _chunk_logprobs(logits, targets, temperature, sampling, head_weight=None):
     token_logprobs = logprobs.gather(-1, targets[:, None])[:, 0]
     direction = None
     with torch.no_grad():
-        probs = logprobs.exp()
-        entropy = -(probs[:, None, :] @ logprobs[:, :, None]).view(-1)  # row-wise dot: no third (chunk, vocab)
+        probs = logprobs.exp() if entropy or head_weight is not None else None
+        if not entropy:
+            entropy = None
+        elif logprobs.requires_grad:  # log_softmax's backward needs logprobs: a row-wise dot, no third tensor
+            entropy = -(probs[:, None, :] @ logprobs[:, :, None]).view(-1)
+        else:  # in place: 3x faster than that batched dot on CPU
+            entropy = -logprobs.mul_(probs).sum(-1)
+        del logprobs
         if head_weight is not None:  # d log_softmax(h W^T / T)_y / dh = (onehot(y) - softmax) W / T
-            probs.neg_()[torch.arange(len(targets), device=targets.device), targets] += 1
-            direction = probs.div_(temperature).to(head_weight.dtype) @ head_weight
+            probs.mul_(-1 / temperature)[torch.arange(len(targets), device=targets.device), targets] += 1 / temperature
+            direction = probs.to(head_weight.dtype) @ head_weight
         del probs
-    if sampling is None:
-        sampler = processed = entropy
-        measured = torch.zeros_like(entropy, dtype=torch.bool)
     return token_logprobs, entropy, sampler, processed, measured, direction
 
 
@@ -214,20 +218,20 @@ class _HeadLogprobs(torch.autograd.Function):
     as well."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, sampling):
+    def forward(ctx, hidden, weight, targets, temperature, sampling, entropy):
         ctx.temperature, ctx.dtype = temperature, hidden.dtype
         ahead = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
         *out, direction = _chunk_logprobs(torch.nn.functional.linear(hidden, weight).float(), targets, temperature,
-                                          sampling, head_weight=weight if ahead else None)
+                                          sampling, head_weight=weight if ahead else None, entropy=entropy)
         ctx.save_for_backward(*((direction,) if ahead else (hidden, weight, targets)))
-        ctx.mark_non_differentiable(*out[1:])
+        ctx.mark_non_differentiable(*(t for t in out[1:] if t is not None))
         return tuple(out)
 
     @staticmethod
     def backward(ctx, grad, *unused):
         if len(ctx.saved_tensors) == 1:
             (direction,) = ctx.saved_tensors
-            return (grad[:, None] * direction).to(ctx.dtype), None, None, None, None
+            return (grad[:, None] * direction).to(ctx.dtype), None, None, None, None, None
         hidden, weight, targets = ctx.saved_tensors
         logits = torch.nn.functional.linear(hidden, weight).float()
         grad_logits = logits.div_(ctx.temperature).softmax(-1)  # (chunk, vocab)
@@ -236,11 +240,11 @@ class _HeadLogprobs(torch.autograd.Function):
         grad_logits = grad_logits.div_(ctx.temperature).to(weight.dtype)
         grad_hidden = grad_logits @ weight if ctx.needs_input_grad[0] else None
         grad_weight = grad_logits.T @ hidden if ctx.needs_input_grad[1] else None
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def completion_logprobs(model, prompts, completions, pad_id, temperature=1.0, chunk_tokens=128, sampling=None,
-                        packed=True):
+                        packed=True, entropy=True):
     """Log-probs of each completion token given its prompt and the completion tokens before it.
 
     prompts, completions: lists of token-id lists. Returns (B, C) tensors, C = longest completion:
@@ -249,7 +253,8 @@ def completion_logprobs(model, prompts, completions, pad_id, temperature=1.0, ch
     engine, also (no grad) `sampler_logprobs` = log_softmax(logits / T_sampling) and `processed_logprobs`,
     the same renormalised over vLLM's top-p nucleus: what vLLM reports with logprobs_mode="processed_logprobs"
     (with top-p < 1 only on the tokens of `canary_mask`, one in CANARY_STRIDE). `packed=False` pads instead of
-    packing (for a model where `packing_works` is False).
+    packing (for a model where `packing_works` is False). `entropy=False` leaves the entropy out (a pass that does
+    not report it saves a vocabulary-wide exp and product per token).
     """
     hidden, targets, mask = completion_states(model, prompts, completions, pad_id, packed)
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -259,20 +264,22 @@ def completion_logprobs(model, prompts, completions, pad_id, temperature=1.0, ch
     for start in range(0, len(targets), chunk_tokens):
         chunk, chunk_targets = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
         if not torch.is_grad_enabled():
-            pieces.append(_chunk_logprobs(lm_head(chunk).float(), chunk_targets, temperature, sampling)[:5])
+            pieces.append(_chunk_logprobs(lm_head(chunk).float(), chunk_targets, temperature, sampling,
+                                          entropy=entropy)[:5])
         elif plain_head:
-            pieces.append(_HeadLogprobs.apply(chunk, lm_head.weight, chunk_targets, temperature, sampling))
+            pieces.append(_HeadLogprobs.apply(chunk, lm_head.weight, chunk_targets, temperature, sampling, entropy))
         else:  # checkpointed: backward recomputes the chunk's logits
-            pieces.append(checkpoint(lambda h, t: _chunk_logprobs(lm_head(h).float(), t, temperature, sampling)[:5],
+            pieces.append(checkpoint(lambda h, t: _chunk_logprobs(lm_head(h).float(), t, temperature, sampling,
+                                                                  entropy=entropy)[:5],
                                      chunk, chunk_targets, use_reentrant=False))
-    flat = [torch.cat(parts) for parts in zip(*pieces)]  # logprobs, entropy, sampler, processed, measured: (N,)
     out = {}
-    for key, values in zip(("logprobs", "entropy", "sampler_logprobs", "processed_logprobs", "canary_mask"), flat):
-        padded = torch.zeros(mask.shape, dtype=values.dtype, device=mask.device)
-        out[key] = padded.masked_scatter(mask, values)
+    # logprobs, entropy, sampler, processed, measured: (N,) each, None where not asked for
+    for key, parts in zip(("logprobs", "entropy", "sampler_logprobs", "processed_logprobs", "canary_mask"),
+                          zip(*pieces)):
+        if parts[0] is not None:
+            values = torch.cat(parts)
+            out[key] = torch.zeros(mask.shape, dtype=values.dtype, device=mask.device).masked_scatter(mask, values)
     out["mask"] = mask
-    if sampling is None:
-        del out["sampler_logprobs"], out["processed_logprobs"], out["canary_mask"]
     return out
 
 

@@ -495,13 +495,13 @@ class Run:
         batches = token_budget_batches(lengths, budget, self.packed)
         return batches, padding_fraction(batches, lengths, self.policy if self.packed else None)
 
-    def logprobs(self, mb, temperature=None, sampling=False):
+    def logprobs(self, mb, temperature=None, sampling=False, entropy=True):
         """completion_logprobs of micro-batch mb at `temperature` (default: the sampling one); sampling=True adds the
         sampler's view (sampler_logprobs, processed_logprobs) at the engine's temperature and top-p."""
         return completion_logprobs(self.policy, mb.prompt_ids, mb.completion_ids, self.tokenizer.pad_token_id,
                                    self.cfg.temperature if temperature is None else temperature,
                                    sampling=(self.cfg.temperature, self.cfg.top_p) if sampling else None,
-                                   packed=self.packed)
+                                   packed=self.packed, entropy=entropy)
 
     def reference_logprobs(self, batch, temperature=None):
         """(B, C) log-probs under the reference policy: the same base model with the LoRA adapter disabled."""
@@ -515,7 +515,7 @@ class Run:
         batches, _ = self.micro_batches(batch, grad=False)
         with self.timed("time_reference"), evaluating(self.policy):
             for idx in batches:
-                lp = self.logprobs(batch.select(idx, device()), temperature)["logprobs"]
+                lp = self.logprobs(batch.select(idx, device()), temperature, entropy=False)["logprobs"]
                 out[torch.tensor(idx, device=out.device), : lp.shape[1]] = lp
         return out
 
@@ -562,7 +562,7 @@ class Run:
             with self.timed("time_old_logprobs"), evaluating(self.policy):
                 for idx in self.micro_batches(batch, grad=False)[0]:
                     mb = batch.select(idx, device())
-                    observe(idx, mb, self.logprobs(mb, sampling=True))
+                    observe(idx, mb, self.logprobs(mb, sampling=True, entropy=False))
         skipped = False
         with self.timed("time_train"):
             move_optimizer_state(self.optimizer, device())

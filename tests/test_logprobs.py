@@ -99,6 +99,11 @@ def test_packed_micro_batch_equals_padded_one_values_and_grads(dtype, checkpoint
         assert (packed_grads - other_grads).norm() <= rtol * other_grads.norm(), \
             ((packed_grads - other_grads).norm() / other_grads.norm())
     assert padded_grads.norm() > 0
+    with torch.no_grad():  # the no-grad passes: entropy computed in place, or left out when not asked for
+        nograd = completion_logprobs(model, prompts, completions, pad_id=0, temperature=0.7, chunk_tokens=8)
+        lean = completion_logprobs(model, prompts, completions, pad_id=0, temperature=0.7, entropy=False)
+    assert torch.allclose(nograd["entropy"], packed["entropy"], atol=atol)
+    assert "entropy" not in lean and torch.allclose(lean["logprobs"], packed["logprobs"], atol=atol)
 
 
 def test_packed_rows_restart_positions_and_detect_models_that_ignore_them(monkeypatch):
