@@ -190,7 +190,7 @@ def initialise_value_model(run, critic, cfg):
     # rank 0 writes the log (torchrun: os.devnull elsewhere)
     with open(os.path.join(run.output_dir, "value_init.jsonl") if distributed.is_main() else os.devnull, "w") as log:
         for init_step in range(1, cfg.value_init_steps + 1):
-            if run.stop_requested:  # Ctrl-C or SIGTERM: run.steps() exits before its first step
+            if run.stop_agreed():  # Ctrl-C or SIGTERM: run.steps() exits before its first step
                 break
             prompts = run.prompts.next(cfg.prompts_per_step)
             completions = run.generate(prompts, n=cfg.group_size, seed=cfg.seed - init_step)

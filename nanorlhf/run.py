@@ -274,8 +274,17 @@ class Run:
 
     @property
     def stop_requested(self):
-        """True once Ctrl-C or SIGTERM came: a loop outside steps() (PPO's value initialisation) stops early."""
+        """True once Ctrl-C or SIGTERM came to this process."""
         return self.stop_signal is not None
+
+    def stop_agreed(self):
+        """Whether to stop here, the same answer on every rank (a loop outside steps(), PPO's value initialisation,
+        asks it too). The flag is read once: a signal that lands after the read counts at the next check, not in
+        this one on some ranks only (they would then wait for each other in different collectives)."""
+        stop = distributed.any_rank(self.stop_requested)
+        if stop and self.stop_signal is None:
+            self.stop_signal = signal.SIGTERM  # another rank got it: every rank stops at the same point
+        return stop
 
     def close(self):
         """Restore the signal handlers, finish the metrics (plot, wandb, summary). Safe to call twice."""
@@ -334,7 +343,7 @@ class Run:
         console.running = True
         try:
             for step in range(self.start_step, self.total_steps + 1):
-                if self.stop_requested:  # came before the first step (PPO's value initialisation): nothing to save
+                if step == self.start_step and self.stop_agreed():  # came before it (PPO's value initialisation)
                     name, status = SIGNALS[self.stop_signal]
                     console.say(f"{name}: stopped before step {step}; nothing new to save")
                     raise SystemExit(status)
@@ -342,17 +351,16 @@ class Run:
                 self.step, self.snapshot, self.stepped = step, {"data": self.prompts.state(), "rng": rng_state()}, False
                 self.scored = None  # the step's first scored batch, for the samples table (see log)
                 yield step
-                if distributed.any_rank(self.stop_requested) and not self.stop_requested:
-                    self.stop_signal = signal.SIGTERM  # another rank got it: every rank stops after the same step
-                stop = self.stop_requested or self.skipped_in_a_row >= cfg.max_skipped_steps
-                if stop or step % cfg.save_every == 0 or step == self.total_steps:
+                stopping = self.stop_agreed()
+                if stopping or self.skipped_in_a_row >= cfg.max_skipped_steps or step % cfg.save_every == 0 or \
+                        step == self.total_steps:
                     saved = self.save(step)
                 if self.skipped_in_a_row >= cfg.max_skipped_steps:
                     raise UserError(f"{self.skipped_in_a_row} steps in a row had a non-finite loss or gradient (the "
                                     f"last: step {step}), so the run stops (--max_skipped_steps {cfg.max_skipped_steps}); "
                                     f"{saved} holds the weights of the last finite step. Lower --learning_rate or "
                                     f"check the reward's scale, then --resume {self.output_dir}")
-                if self.stop_requested:
+                if stopping:
                     name, status = SIGNALS[self.stop_signal]
                     console.say(f"{name}: saved {saved}; continue with --resume {self.output_dir}")
                     raise SystemExit(status)
