@@ -12,7 +12,9 @@ one of issue 14's changes to the one before, all on the same model and batch, ta
               scales that gradient (before 2026-12-03: backward recomputed the logits once)
   nograd      + no-grad passes on 4x the training budget (micro_batch_tokens_nograd's default)
   fused_adam  + fused AdamW
-  no_entropy  + the no-grad passes compute no entropy (nothing reads it there): what nanoRLHF runs now
+  no_entropy  + the no-grad passes compute no entropy (nothing reads it there)
+  no_mask     + right-padded micro-batches (where each sequence fills a row alone, or packing does not work) without
+              an attention mask, which causal attention does not need: what nanoRLHF runs now
 
 Tokens/s counts prompt + completion tokens of the step, over wall seconds; this process's CPU seconds are reported
 too (on shared cores run with OMP_NUM_THREADS=1 and compare those). MFU = model FLOPs / seconds / the matmul FLOP/s measured
@@ -38,11 +40,12 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from nanorlhf import logprobs  # noqa: E402
 from nanorlhf.logprobs import completion_logprobs, padding_fraction, token_budget_batches  # noqa: E402
 from nanorlhf.policy import evaluating, load_policy  # noqa: E402
 from nanorlhf.tiny import build_policy_at_shape, build_tiny_policy  # noqa: E402
 
-VARIANTS = ("padded", "packed", "fused_head", "nograd", "fused_adam", "no_entropy")
+VARIANTS = ("padded", "packed", "fused_head", "nograd", "fused_adam", "no_entropy", "no_mask")
 SHAPES = {"demo": dict(hidden_size=128, num_layers=2), "small": dict(hidden_size=512, num_layers=4)}
 
 
@@ -101,6 +104,7 @@ def training_phase(model, optimizer, prompts, completions, variant, budget):
     packed, nograd_budget, entropy = level >= 1, budget * 4 if level >= 3 else budget, level < 5
     head = model.get_base_model().lm_head
     head.__class__ = torch.nn.Linear if level >= 2 else CheckpointedHead
+    logprobs.MASK_PADDING = level < 6
     lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
 
     def run(idx, **kwargs):
@@ -154,7 +158,7 @@ def main():
     for round_ in range(args.rounds + 1):
         order = variants[round_ % len(variants):] + variants[: round_ % len(variants)]
         for variant in order:
-            optimizer = optimizers["fused" if variant in ("fused_adam", "no_entropy") else "foreach"]
+            optimizer = optimizers["fused" if VARIANTS.index(variant) >= 4 else "foreach"]
             start, cpu_start = time.perf_counter(), time.process_time()
             padding[variant] = training_phase(model, optimizer, prompts, completions, variant, args.micro_batch_tokens)
             if round_ > 0:

@@ -4,11 +4,13 @@ The backbone runs once per micro-batch. Its sequences are packed (`pack_rows`): 
 longest on sdpa and eager, the whole micro-batch on flash-attention: `row_width`), position_ids restarting at each
 sequence, from which transformers builds a block-causal mask (sdpa, eager) or variable-length attention (flash,
 flex), so there is almost no padding; a model that cannot (`packing_works`), and a micro-batch whose sequences
-would each fill a row alone, get right-padded rows. Only the hidden states of positions that predict a completion
-token are kept (padding and prompt positions never reach the LM head), and the LM head + log-softmax run over them
-in chunks of `chunk_tokens`. With gradients no chunk's logits are kept: `_HeadLogprobs` computes the log-probs, the
-entropy, the sampler's view and the log-probs' gradients with respect to the hidden states in one pass, so backward
-has no logits to recompute: peak memory is one chunk's logits.
+would each fill a row alone, get right-padded rows, with no attention mask (causal attention never looks right of a
+token, so the real tokens do not see the padding without one, and sdpa runs its causal kernel with no mask tensor).
+Only the hidden states of positions that predict a completion token are kept (padding and prompt positions never
+reach the LM head), and the LM head + log-softmax run over them in chunks of `chunk_tokens`. With gradients no
+chunk's logits are kept: `_HeadLogprobs` computes the log-probs, the entropy, the sampler's view and the log-probs'
+gradients with respect to the hidden states in one pass, so backward has no logits to recompute: peak memory is one
+chunk's logits.
 """
 
 import torch
@@ -73,10 +75,15 @@ def padding_fraction(batches, lengths, model=None):
     return 1.0 - sum(lengths) / slots if slots else 0.0
 
 
+# True in benchmarks/train_phase.py's padded baseline only: right padding with its attention mask, which a causal
+# model does not need (without it: the same outputs, and sdpa may take its causal kernel; see docs/performance.md)
+MASK_PADDING = False
+
+
 def right_pad(sequences, pad_id):
-    """(B, L) input_ids and attention_mask of token-id lists padded on the right. The mask hides the padding and
-    no output at a padded position is read, so any valid id does: pad_id None (a tokenizer without a pad token)
-    pads with 0."""
+    """(B, L) input_ids and attention_mask of token-id lists padded on the right. No real token attends to the
+    padding (causal attention looks left) and no output at a padded position is read, so any valid id does: pad_id
+    None (a tokenizer without a pad token) pads with 0."""
     lengths = [len(s) for s in sequences]
     input_ids = torch.full((len(sequences), max(lengths)), 0 if pad_id is None else pad_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
@@ -124,7 +131,8 @@ def completion_states(model, prompts, completions, pad_id, packed=True):
         inputs = {"position_ids": position_ids.to(device)}
     else:
         input_ids, attention_mask = right_pad(sequences, pad_id)
-        inputs, starts = {"attention_mask": attention_mask.to(device)}, [(b, 0) for b in range(len(sequences))]
+        inputs = {"attention_mask": attention_mask.to(device)} if MASK_PADDING else {}  # causal: see the docstring
+        starts = [(b, 0) for b in range(len(sequences))]
     rows, cols = [], []
     for (row, column), p, c in zip(starts, prompts, completions):
         rows += [row] * len(c)
