@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from nanorlhf import logprobs
 from nanorlhf.logprobs import (completion_logprobs, pack_rows, packed_inputs, packing_works, padding_fraction,
                                token_budget_batches)
 
@@ -75,10 +76,11 @@ class CheckpointedHead(torch.nn.Linear):
 # (sequences of a row attending to each other) gives 0.6 and 0.7, so 1e-2 separates rounding from a bug.
 @pytest.mark.parametrize("dtype, checkpointing, atol, rtol", [(torch.float32, False, 1e-5, 1e-5),
                                                                (torch.bfloat16, True, 1e-2, 1e-2)])
-def test_packed_micro_batch_equals_padded_one_values_and_grads(dtype, checkpointing, atol, rtol):
+def test_packed_micro_batch_equals_padded_one_values_and_grads(dtype, checkpointing, atol, rtol, monkeypatch):
     """Issue 14: packing (shared rows, position_ids restarting) and the fused LM head must give the padded,
     checkpointed path's log-probs, entropy, sampler view and gradients, to float tolerance; also in the user's
-    bf16 + gradient checkpointing configuration."""
+    bf16 + gradient checkpointing configuration. The padded path passes no attention mask: with one it computes
+    the same."""
     rng = random.Random(1)
     prompts = [[rng.randrange(1, 300) for _ in range(rng.randrange(2, 9))] for _ in range(9)]
     completions = [[rng.randrange(1, 300) for _ in range(rng.randrange(1, 20))] for _ in range(9)]
@@ -91,6 +93,11 @@ def test_packed_micro_batch_equals_padded_one_values_and_grads(dtype, checkpoint
     head.__class__ = CheckpointedHead
     fallback, fallback_grads = outputs_and_grads(model, prompts, completions, packed=False)
     head.__class__ = torch.nn.Linear
+    monkeypatch.setattr(logprobs, "MASK_PADDING", True)
+    masked, masked_grads = outputs_and_grads(model, prompts, completions, packed=False)
+    monkeypatch.undo()
+    assert torch.allclose(masked["logprobs"], padded["logprobs"], rtol=0, atol=atol)
+    assert (masked_grads - padded_grads).norm() <= rtol * masked_grads.norm()
     for other, other_grads in ((padded, padded_grads), (fallback, fallback_grads)):
         assert torch.equal(packed["mask"], other["mask"])
         for key in ("logprobs", "entropy", "sampler_logprobs", "processed_logprobs"):
