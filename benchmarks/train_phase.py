@@ -14,7 +14,9 @@ one of issue 14's changes to the one before, all on the same model and batch, ta
   fused_adam  + fused AdamW
   no_entropy  + the no-grad passes compute no entropy (nothing reads it there)
   no_mask     + right-padded micro-batches (where each sequence fills a row alone, or packing does not work) without
-              an attention mask, which causal attention does not need: what nanoRLHF runs now
+              an attention mask, which causal attention does not need
+  fused_lora  + each LoRA linear in one autograd function (nanorlhf/lora.py): the scaling and the sums inside the
+              matmuls instead of passes over (tokens, features) tensors: what nanoRLHF runs now
 
 Tokens/s counts prompt + completion tokens of the step, over wall seconds; this process's CPU seconds are reported
 too (on shared cores run with OMP_NUM_THREADS=1 and compare those). MFU = model FLOPs / seconds / the matmul FLOP/s measured
@@ -42,10 +44,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from nanorlhf import logprobs  # noqa: E402
 from nanorlhf.logprobs import completion_logprobs, padding_fraction, token_budget_batches  # noqa: E402
+from nanorlhf.lora import fuse_lora_layers  # noqa: E402
 from nanorlhf.policy import evaluating, load_policy  # noqa: E402
 from nanorlhf.tiny import build_policy_at_shape, build_tiny_policy  # noqa: E402
 
-VARIANTS = ("padded", "packed", "fused_head", "nograd", "fused_adam", "no_entropy", "no_mask")
+VARIANTS = ("padded", "packed", "fused_head", "nograd", "fused_adam", "no_entropy", "no_mask", "fused_lora")
 SHAPES = {"demo": dict(hidden_size=128, num_layers=2), "small": dict(hidden_size=512, num_layers=4)}
 
 
@@ -105,6 +108,7 @@ def training_phase(model, optimizer, prompts, completions, variant, budget):
     head = model.get_base_model().lm_head
     head.__class__ = torch.nn.Linear if level >= 2 else CheckpointedHead
     logprobs.MASK_PADDING = level < 6
+    fuse_lora_layers(model, fused=level >= 7)
     lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
 
     def run(idx, **kwargs):

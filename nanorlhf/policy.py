@@ -11,6 +11,7 @@ from contextlib import contextmanager
 import torch
 
 from nanorlhf.errors import UserError
+from nanorlhf.lora import fuse_lora_layers
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -32,6 +33,7 @@ def load_policy(model_name, lora_r, lora_alpha, lora_dropout=0.0, target_modules
     lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
                       task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
+    fuse_lora_layers(model)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

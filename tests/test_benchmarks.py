@@ -116,7 +116,7 @@ def test_train_phase_tiny(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
     assert list(data["variants"]) == ["padded", "packed", "fused_head", "nograd", "fused_adam", "no_entropy",
-                                     "no_mask"]
+                                     "no_mask", "fused_lora"]
     assert data["model_flops"] > 0 and data["matmul_flops_per_second"] > 0
     for row in data["variants"].values():
         assert row["tokens_per_second"] > 0 and 0 < row["mfu"] < 1 and 0 <= row["padding_fraction"] < 1

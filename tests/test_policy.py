@@ -96,3 +96,47 @@ def test_processed_logprobs_follow_vllms_top_p():
     kept = ascending[ascending.cumsum(0) > 1 - 0.8]  # vLLM's rule: the smallest tokens whose mass is <= 0.2 go
     assert out["sampler_logprobs"][0, 0].item() == pytest.approx(probs[3].log().item(), abs=1e-5)
     assert out["processed_logprobs"][0, 0].item() == pytest.approx((probs[3] / kept.sum()).log().item(), abs=1e-5)
+
+
+def adapter_pass(path, dtype, checkpointing, dropout, fused, adapter=None):
+    """Log-probs, entropy and adapter gradients of one training pass (seed 0: the same dropout masks each time) and
+    the adapter's weights: given ones, or a trained-looking draw (B = 0 at init would hide the LoRA terms)."""
+    from nanorlhf.lora import fuse_lora_layers
+
+    policy = load_policy(path, 8, 16, dropout, "all-linear", dtype, checkpointing)
+    if adapter is None:
+        for _, module in policy.named_modules():
+            if hasattr(module, "lora_B"):
+                torch.nn.init.normal_(module.lora_B["default"].weight, std=0.2)
+        adapter = {k: v.clone() for k, v in policy.state_dict().items() if "lora_" in k}
+    policy.load_state_dict(adapter, strict=False)
+    assert fuse_lora_layers(policy, fused) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
+    torch.manual_seed(0)
+    out = completion_logprobs(policy, PROMPTS, COMPLETIONS, pad_id=0)
+    ((out["logprobs"] + 0.1 * out["entropy"]) * out["mask"]).sum().backward()
+    with evaluating(policy):
+        no_grad = completion_logprobs(policy, PROMPTS, COMPLETIONS, pad_id=0)["logprobs"]
+    values = [out["logprobs"], out["entropy"], no_grad] + [p.grad for p in policy.parameters() if p.requires_grad]
+    return [v.detach().float() for v in values], adapter
+
+
+def largest_error(values, reference):
+    return max(((v - r).abs().max() / r.abs().max().clamp(min=1e-6)).item() for v, r in zip(values, reference))
+
+
+@pytest.mark.parametrize("dtype, checkpointing, dropout", [
+    ("float32", False, 0.0), ("float32", True, 0.05), ("bfloat16", True, 0.05)])  # the last: the user's configuration
+def test_fused_lora_layers_compute_what_peft_does(tiny_path, dtype, checkpointing, dropout):
+    """nanorlhf.lora's one-function LoRA linear against peft's own forward (log-probs, entropy, a no-grad pass and
+    every adapter gradient), with the same dropout masks. In bfloat16 the two round differently (the input
+    gradients of the base and the adapter are summed in float32 here, in bfloat16 in peft): there, each is compared
+    with the float32 computation and the fused one must be about as close to it as peft's."""
+    fused, adapter = adapter_pass(tiny_path, dtype, checkpointing, dropout, fused=True)
+    unfused, _ = adapter_pass(tiny_path, dtype, checkpointing, dropout, fused=False, adapter=adapter)
+    assert all(g.abs().max() > 0 for g in fused[3:])  # every adapter matrix got a gradient
+    if dtype == "float32":
+        assert largest_error(fused, unfused) < 1e-5
+    else:
+        exact, _ = adapter_pass(tiny_path, "float32", checkpointing, dropout, fused=False, adapter=adapter)
+        assert largest_error(unfused, exact) < 0.1  # bfloat16's own error (and the same dropout masks)
+        assert largest_error(fused, exact) < 1.5 * largest_error(unfused, exact)
