@@ -3,10 +3,12 @@
 peft computes y = base(x) + lora_B(lora_A(dropout(x))) * scaling as separate ops: the scaling multiplies and the
 sum adds a (tokens, out_features) tensor, backward multiplies the gradient by the scaling at that width again and
 adds the two input gradients at (tokens, in_features). Here the scaling goes into the rank-wide matmuls and the sums
-into addmm's accumulate: the same terms, computed in the same dtypes (the adapter's, float32 under bfloat16, as
-peft's autocast leaves it), without those passes over memory. Saved for backward: dropout(x) and x A^T, what peft
-saves for its two LoRA matmuls. Layers peft does something else with (a disabled or merged adapter, several
-active ones, DoRA and other variants, a bias on lora_B, a base that is not nn.Linear) keep peft's own forward.
+into addmm's accumulate: the same terms, the adapter's in its own dtype (float32 next to a bfloat16 base, as peft's
+autocast leaves it), without those passes over memory; the one difference, the two input gradients are summed in
+the adapter's dtype (peft: in the input's). Saved for backward: dropout(x), in the input's dtype (peft keeps a
+float32 copy under bfloat16), and x A^T. The dropout module and its masks are peft's. Layers peft does something
+else with (a disabled or merged adapter, several active ones, DoRA and other variants, a bias on lora_B, a base
+that is not nn.Linear) keep peft's own forward.
 """
 
 import types
@@ -21,7 +23,8 @@ class LoraLinearFunction(torch.autograd.Function):
     def forward(ctx, x, xd, weight, bias, lora_A, lora_B, scaling):
         base = torch.nn.functional.linear(x, weight, bias)  # (..., out)
         h = xd.to(lora_A.dtype).reshape(-1, xd.shape[-1]) @ lora_A.t()  # (tokens, r)
-        y = torch.addmm(base.reshape(-1, base.shape[-1]).to(lora_A.dtype), h, lora_B.t(), alpha=scaling)
+        # in place: addmm into a fresh output would first copy the whole (tokens, out) base result into it
+        y = base.reshape(-1, base.shape[-1]).to(lora_A.dtype).addmm_(h, lora_B.t(), alpha=scaling)
         ctx.save_for_backward(xd, h, weight, lora_A, lora_B)
         ctx.scaling, ctx.same_input = scaling, xd is x
         return y.to(base.dtype).view(base.shape)
@@ -33,13 +36,15 @@ class LoraLinearFunction(torch.autograd.Function):
         grad = grad.reshape(-1, shape[-1])  # (tokens, out)
         grad_lora = grad.to(lora_A.dtype)
         grad_h = grad_lora @ lora_B  # (tokens, r)
-        grad_A = (grad_h.t() @ xd.reshape(-1, xd.shape[-1]).to(lora_A.dtype)).mul_(s)
-        grad_B = (grad_lora.t() @ h).mul_(s)
-        grad_x = grad_xd = None
+        grad_x = grad_xd = grad_A = grad_B = None
+        if ctx.needs_input_grad[4]:
+            grad_A = (grad_h.t() @ xd.reshape(-1, xd.shape[-1]).to(lora_A.dtype)).mul_(s)
+        if ctx.needs_input_grad[5]:
+            grad_B = (grad_lora.t() @ h).mul_(s)
         if ctx.needs_input_grad[0]:
             grad_x = grad @ weight  # (tokens, in)
-            if ctx.same_input:  # both paths' input gradients, summed in the adapter's dtype as peft does
-                grad_x = torch.addmm(grad_x.to(lora_A.dtype), grad_h, lora_A, alpha=s).to(grad.dtype)
+            if ctx.same_input:  # both paths' input gradients, summed in the adapter's dtype (peft: in the input's)
+                grad_x = grad_x.to(lora_A.dtype).addmm_(grad_h, lora_A, alpha=s).to(grad.dtype)
             grad_x = grad_x.view(*shape[:-1], -1)
         if not ctx.same_input and ctx.needs_input_grad[1]:
             grad_xd = (grad_h @ lora_A).mul_(s).to(xd.dtype).view(*shape[:-1], -1)
