@@ -120,3 +120,16 @@ def test_train_phase_tiny(tmp_path):
     assert data["model_flops"] > 0 and data["matmul_flops_per_second"] > 0
     for row in data["variants"].values():
         assert row["tokens_per_second"] > 0 and 0 < row["mfu"] < 1 and 0 <= row["padding_fraction"] < 1
+
+
+def test_lora_saved_memory_tiny(tmp_path):
+    out = tmp_path / "lora_saved_memory.json"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "lora_saved_memory.py"), "--tiny",
+                             "--json", str(out)], capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["dtype"], r["lora_dropout"]) for r in rows} == {(d, p) for d in ("bfloat16", "float32") for p in (0, 0.05)}
+    for r in rows:  # a byte count, the same on every machine: the fused layer never keeps more than peft's
+        assert 0 < r["fused_bytes"] <= r["peft_bytes"]
+        if r["dtype"] == "bfloat16":  # peft keeps a float32 copy of each LoRA layer's input there
+            assert r["ratio"] < 0.9
