@@ -43,6 +43,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 from nanorlhf.logprobs import completion_logprobs  # noqa: E402  (imports only torch: no vllm needed)
+from nanorlhf.lora import fuse_lora_layers  # noqa: E402  (torch and peft)
 
 QWEN25_1P5B = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                    intermediate_size=8960, vocab_size=151936, max_position_embeddings=32768,
@@ -64,6 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--peak_tflops", type=float, help="the card's dense bf16 peak; default 989 (H100 SXM) on cuda")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--tiny", action="store_true", help="hidden 128, 2 layers, vocab 1000, 64/128 tokens, 1 step")
+    p.add_argument("--peft_lora", action="store_true", help="peft's own LoRA layers (what gpu_train_step_h100.json "
+                   "measured) instead of nanorlhf/lora.py's one-function layers, which load_policy uses since 2026-12-04")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     args.shape = TINY if args.tiny else QWEN25_1P5B
@@ -84,7 +87,9 @@ def build_policy(args):
     with torch.device(args.device):
         model = Qwen2ForCausalLM(config).to(torch.bfloat16)
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules="all-linear", task_type="CAUSAL_LM")
-    return get_peft_model(model, lora).train()
+    policy = get_peft_model(model, lora).train()
+    fuse_lora_layers(policy, fused=not args.peft_lora)
+    return policy
 
 
 def model_flops_per_step(args, lora_params, tokens):
