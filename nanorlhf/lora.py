@@ -53,12 +53,12 @@ class LoraLinearFunction(torch.autograd.Function):
 
 def lora_forward(self, x, *args, **kwargs):
     """forward of a peft lora.Linear through LoraLinearFunction where it computes what peft's would."""
-    from peft.tuners.lora import Linear
-
     adapter = self.active_adapters[0] if len(self.active_adapters) == 1 else None
     if (args or kwargs or self.disable_adapters or self.merged or adapter not in self.lora_A
             or adapter in self.lora_variant or self.lora_B[adapter].bias is not None
             or type(self.base_layer) is not torch.nn.Linear):
+        from peft.tuners.lora import Linear
+
         return Linear.forward(self, x, *args, **kwargs)
     dropout = self.lora_dropout[adapter]
     xd = dropout(x) if isinstance(dropout, torch.nn.Dropout) and dropout.training and dropout.p > 0 else x
