@@ -72,8 +72,12 @@ BOXED = "\\boxed{{{}}}"  # R1-style final answers: \boxed{12}
 
 
 def resolve(name):
-    """`demo:...` names the bundled demo model and datasets (built locally on first use); others pass through."""
+    """`demo:...` names the bundled demo model and datasets, `smollm2-135m-instruct` the real model of
+    nanorlhf/real_model.py (each built locally on first use); others pass through."""
+    from nanorlhf.real_model import NAME as REAL_MODEL, smollm2_model
+
     demo_names = {
+        REAL_MODEL: smollm2_model,
         "demo:addition": demo_model,
         "demo:addition-boxed": lambda: demo_model(answer_format=BOXED),
         "demo:addition-data": demo_dataset,
