@@ -72,6 +72,43 @@ class RunConfig:
     verbose: bool = False  # show the libraries' output (vLLM, torch, transformers) on the terminal, not only in run.log
 
 
+def check_config(cfg, world_size):
+    """One UserError naming the field and the fix for a value no run can use; the number of steps otherwise.
+    Checked before anything is loaded or written (fields a script adds, e.g. PPO's gamma, it checks itself)."""
+    from nanorlhf.logprobs import IS_MODES
+
+    tp = cfg.vllm_tensor_parallel_size
+    if tp < 1 or world_size % tp:
+        raise UserError(f"--vllm_tensor_parallel_size {tp} must divide the number of processes, "
+                        f"{world_size}: start torchrun with a multiple of it (one process per GPU)")
+    if cfg.prompts_per_step % world_size:
+        raise UserError(f"--prompts_per_step {cfg.prompts_per_step} does not split into whole prompt groups over "
+                        f"{world_size} processes: make prompts_per_step a multiple of the number of processes "
+                        "(torchrun's --nproc_per_node x --nnodes)")
+    if min(cfg.prompts_per_step, cfg.group_size, cfg.max_new_tokens, cfg.micro_batch_tokens) < 1:
+        raise UserError("prompts_per_step, group_size, max_new_tokens and micro_batch_tokens must be at least 1")
+    if not cfg.temperature > 0:  # the trainer divides the logits by it
+        raise UserError(f"--temperature must be > 0 for training, got {cfg.temperature}: the loss uses the "
+                        "distribution the completions were sampled from (greedy decoding is what the evaluation does)")
+    if cfg.vllm_is_correction not in IS_MODES:
+        raise UserError(f"--vllm_is_correction must be one of {', '.join(IS_MODES)}, got {cfg.vllm_is_correction!r}")
+    if not cfg.vllm_is_cap >= 1:
+        raise UserError(f"--vllm_is_cap must be at least 1 (it caps pi_trainer / pi_vllm), got {cfg.vllm_is_cap}")
+    if cfg.weight_sync not in ("auto", "merged", "lora"):
+        raise UserError(f"--weight_sync must be auto, merged or lora, got {cfg.weight_sync!r}")
+    if cfg.warmup_steps < 0 or cfg.samples_every < 0:
+        raise UserError(f"--warmup_steps and --samples_every must be 0 or more, got {cfg.warmup_steps} and "
+                        f"{cfg.samples_every}")
+    if cfg.save_total_limit < 0 or cfg.max_skipped_steps < 1:
+        raise UserError("--save_total_limit must be 0 (keep all) or more and --max_skipped_steps at least 1, got "
+                        f"{cfg.save_total_limit} and {cfg.max_skipped_steps}")
+    episodes_per_step = cfg.prompts_per_step * cfg.group_size
+    if cfg.total_episodes < episodes_per_step:
+        raise UserError(f"--total_episodes {cfg.total_episodes} is less than one step "
+                        f"(prompts_per_step x group_size = {episodes_per_step})")
+    return cfg.total_episodes // episodes_per_step
+
+
 def as_dict(config):
     """Every field of a parsed Config (what config.json and wandb record)."""
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}

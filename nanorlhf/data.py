@@ -142,3 +142,21 @@ class PromptStream:
     def load_state(self, state):
         self.epoch, self.cursor, self.skipped, self.taken = state["epoch"], state["cursor"], state["skipped"], state["taken"]
         self._order = None
+
+
+def load_prompts(cfg, tokenizer, resolve):
+    """The run's prompt stream (this rank's share of each step) and its evaluation prompts ([] unless eval_every),
+    from cfg's dataset, prompt and chat fields; `resolve` maps demo names to local paths (nanorlhf.tasks)."""
+    template = getattr(cfg, "prompt_template", "")
+    chat = dict(system_prompt=cfg.system_prompt, template_kwargs=template_kwargs(cfg.chat_template_kwargs))
+    prompts = PromptStream(load_rows(resolve(cfg.dataset)), tokenizer, cfg.prompt_field, cfg.max_prompt_tokens,
+                           cfg.seed, template, **chat, shard=True)
+    if cfg.eval_every <= 0:
+        return prompts, []
+    if not cfg.eval_dataset and os.path.exists(resolve(cfg.dataset)):
+        raise UserError(f"--eval_every {cfg.eval_every} with a local --dataset needs --eval_dataset (a file of "
+                        "held-out prompts): a local file has no test split to evaluate on")
+    eval_rows = load_rows(resolve(cfg.eval_dataset or cfg.dataset), cfg.eval_split)
+    eval_stream = PromptStream(eval_rows, tokenizer, cfg.eval_prompt_field or cfg.prompt_field,
+                               cfg.max_prompt_tokens, 0, template, **chat)
+    return prompts, eval_stream.next(min(cfg.eval_limit, len(eval_rows)))

@@ -155,3 +155,15 @@ def shard(n):
 def close():
     if active():
         torch.distributed.destroy_process_group()
+
+
+def mean_over_ranks(metrics):
+    """Each numeric metric averaged over the ranks (a value every rank computed alike stays as it is; a rank's own
+    per-sample mean becomes the whole batch's when shares are equal); None where no rank has one."""
+    if world_size() == 1:
+        return metrics
+    gathered, out = gather_objects(metrics), {}
+    for key, value in metrics.items():
+        numbers = [m[key] for m in gathered if isinstance(m.get(key), (int, float)) and not isinstance(m[key], bool)]
+        out[key] = value if not numbers or len(set(numbers)) == 1 and value is not None else sum(numbers) / len(numbers)
+    return out

@@ -196,7 +196,7 @@ def test_whitening_defaults():
 
 
 def test_warmup_then_cosine_schedule_by_hand():
-    from nanorlhf.run import cosine_schedule
+    from nanorlhf.update import cosine_schedule
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     schedule = cosine_schedule(optimizer, total_steps=6, floor=0.1, warmup_steps=2)

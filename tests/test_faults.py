@@ -234,7 +234,7 @@ def test_checkpoints_rotate_and_resume_sets_later_ones_aside(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from nanorlhf.checkpoint import checkpoints, load_checkpoint, save_checkpoint, set_aside_later_checkpoints
-    from nanorlhf.run import cosine_schedule
+    from nanorlhf.update import cosine_schedule
     from nanorlhf.tiny import build_policy_at_shape
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(build_policy_at_shape(str(tmp_path / "m"), hidden_size=64,
@@ -267,7 +267,7 @@ def test_metrics_after_the_checkpoint_are_moved_aside(tmp_path):
 
 def test_resume_changes_name_what_changed_and_refuse_shape_fields():
     from nanorlhf.errors import UserError
-    from nanorlhf.run import resume_changes
+    from nanorlhf.run_folder import resume_changes
 
     saved = {"model": "m", "lora_r": 64, "learning_rate": 1e-5, "total_episodes": 100, "output_dir": "a", "resume": ""}
     now = {**saved, "learning_rate": 2e-5, "output_dir": "b", "resume": "a", "save_total_limit": 3}

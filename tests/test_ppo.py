@@ -97,7 +97,7 @@ def make_critic(model_path, learning_rate=1e-2):
 
 def fixed_rollouts(n=32):
     """Random prompts and completions whose return is 1 when the prompt starts with an odd token, else 0."""
-    from nanorlhf.run import Batch
+    from nanorlhf.rollout import Batch
 
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 200, (int(torch.randint(4, 8, (1,), generator=g)),), generator=g).tolist()
@@ -145,7 +145,7 @@ def test_critic_pads_without_a_pad_token(tiny_model):
     # a tokenizer without a pad token gives pad_id None: the critic pads as the policy's log-probs do
     from nanorlhf.critic import Critic
     from nanorlhf.policy import load_policy
-    from nanorlhf.run import Batch
+    from nanorlhf.rollout import Batch
 
     torch.manual_seed(0)
     policy = load_policy(tiny_model, 8, 16, 0.0, "all-linear", "float32")
@@ -160,7 +160,7 @@ def test_critic_pads_without_a_pad_token(tiny_model):
 def test_critic_is_checkpointed_and_restored(tiny_model, tmp_path):
     from nanorlhf.checkpoint import load_checkpoint, save_checkpoint
     from nanorlhf.logprobs import token_budget_batches
-    from nanorlhf.run import cosine_schedule
+    from nanorlhf.update import cosine_schedule
 
     batch = fixed_rollouts(8)
     micro_batches = token_budget_batches([len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids)],

@@ -1,0 +1,132 @@
+"""The rollout of a step: completions from the engine, their rewards, and the Batch the update learns from; and the
+greedy evaluation, which goes the same way.
+
+Every engine call goes through `_engine_call`: the trainer's optimizer state leaves the GPU while the engine holds
+it, and the engine sleeps again afterwards. A reward function that raises, hangs or returns a bad value stops the run
+(one sentence) after the last completed step is saved.
+"""
+
+import torch
+
+from nanorlhf import distributed
+from nanorlhf.errors import UserError
+from nanorlhf.policy import move_optimizer_state
+
+
+class Batch(dict):
+    """Per-sample data of one step: token-id lists and (B,) or (B, C) tensors, C = longest completion.
+    `batch.x` reads `batch["x"]`; `select(idx)` slices every entry together (and trims C to the slice)."""
+
+    __getattr__ = dict.__getitem__
+
+    def __setattr__(self, key, value):
+        self[key] = value
+
+    def __len__(self):
+        return len(self["completion_ids"])
+
+    def select(self, idx, device=None):
+        width = max(len(self["completion_ids"][i]) for i in idx)
+        index = torch.tensor(idx)
+        out = Batch()
+        for key, value in self.items():
+            if torch.is_tensor(value):
+                value = value[index.to(value.device)].to(device or value.device)
+                out[key] = value[:, :width] if value.dim() == 2 else value
+            elif isinstance(value, list):
+                out[key] = [value[i] for i in idx]
+            else:
+                out[key] = value
+        return out
+
+
+def make_batch(prompts, completions, keep=None, **per_sample):
+    """A Batch of the kept completions with their prompts, the sampler's log-probs and any (N,) or (N, ...)
+    per-sample tensors; `dropped_tokens` counts what was left out (sparse)."""
+    idx = [i for i in range(len(completions)) if keep is None or keep[i]]
+    width = max([len(completions[i].token_ids) for i in idx] + [1])
+    vllm_logprobs = torch.zeros(len(idx), width)
+    for row, i in enumerate(idx):
+        vllm_logprobs[row, : len(completions[i].logprobs)] = torch.tensor(completions[i].logprobs)
+    total_tokens = sum(len(prompts[c.prompt_index]["token_ids"]) + len(c.token_ids) for c in completions)
+    batch = Batch(
+        prompt_ids=[prompts[completions[i].prompt_index]["token_ids"] for i in idx],
+        completion_ids=[completions[i].token_ids for i in idx],
+        vllm_logprobs=vllm_logprobs,
+    )
+    batch.dropped_tokens = total_tokens - sum(len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids))
+    for key, value in per_sample.items():
+        batch[key] = value[torch.tensor(idx, dtype=torch.long)] if torch.is_tensor(value) else [value[i] for i in idx]
+    return batch
+
+
+def samples(prompts, completions, rewards, parts, count=4):
+    """Rows of the samples table: the first completion of each of the first `count` prompts, with its rewards."""
+    rows, seen = [], set()
+    for i, c in enumerate(completions):
+        if c.prompt_index in seen or len(seen) == count:
+            continue
+        seen.add(c.prompt_index)
+        rows.append({"prompt": prompts[c.prompt_index]["text"], "completion": c.text, "reward": rewards[i].item(),
+                     **{f"reward_{name}": values[i].item() for name, values in parts.items()},
+                     "length": len(c.token_ids), "truncated": bool(c.truncated)})
+    return rows
+
+
+class Rollout:
+    """Generation and scoring for one run. timed(name): the run's phase timer; times: the step's timings, where the
+    generated token count is summed; failed(together): the run's save-and-say before an error stops it."""
+
+    def __init__(self, cfg, engine, optimizer, rewards, timed, times, failed):
+        self.cfg, self.engine, self.optimizer, self.rewards = cfg, engine, optimizer, rewards
+        self.timed, self.times, self.failed = timed, times, failed
+
+    def _engine_call(self, phase, prompts, n, seed, **kwargs):
+        with self.timed(phase):
+            move_optimizer_state(self.optimizer, "cpu")
+            completions = self.engine.generate([p["token_ids"] for p in prompts], n, seed, self.cfg.max_new_tokens,
+                                               **kwargs)
+            self.engine.sleep()
+        return completions
+
+    def generate(self, prompts, n, seed, with_greedy=False):
+        """n completions per prompt from the engine (prompt-major); with_greedy: also one greedy completion per
+        prompt from the same batch, returned as a second list."""
+        completions = self._engine_call("time_generate", prompts, n, seed, temperature=self.cfg.temperature,
+                                        top_p=self.cfg.top_p, with_greedy=with_greedy,
+                                        first_index=prompts[0].get("index", 0) if prompts else 0)
+        tokens = sum(len(c.token_ids) for c in completions)  # summed over the step's calls (GRPO's dynamic sampling)
+        self.times["generated_tokens"] = self.times.get("generated_tokens", 0) + tokens
+        if with_greedy:
+            return completions[: len(prompts) * n], completions[len(prompts) * n :]
+        return completions
+
+    def score(self, prompts, completions):
+        """(rewards (N,), {reward name: (N,)}) for the completions of `prompts` (prompt-major)."""
+        rows = [prompts[c.prompt_index] for c in completions]
+        fields = {k: [r["fields"][k] for r in rows] for k in rows[0]["fields"]} if rows else {}
+        error = None
+        try:
+            rewards = self.rewards([r["text"] for r in rows], [c.text for c in completions], fields)
+        except UserError as e:
+            error = e
+        # under torchrun every rank scores at this point: all of them stop here together, so they can save together
+        if distributed.any_rank(error is not None):
+            message, _, frames = str(error or "another rank's reward failed (its message names it)").partition("\n")
+            raise UserError(f"{message}. {self.failed(together=True)}" + (f"\n{frames}" if frames else "")) from None
+        return rewards
+
+    @torch.no_grad()
+    def evaluate(self, eval_prompts):
+        """Greedy completions of the evaluation prompts, scored by the run's rewards (with a 0/1 reward such
+        as a math verifier, eval_reward_mean is the accuracy)."""
+        first, count = distributed.shard(len(eval_prompts))  # under torchrun each rank takes its share
+        prompts = eval_prompts[first : first + count]
+        completions = self._engine_call("time_eval", prompts, 1, 0, greedy=True)
+        with self.timed("time_eval"):
+            rewards, parts = self.score(prompts, completions)  # timed as eval, not as the step's score
+        lengths = distributed.gather(torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float))
+        parts = {name: distributed.gather(values) for name, values in parts.items()}
+        return {"eval_reward_mean": distributed.gather(rewards).mean().item(),
+                **{f"eval_reward_{name}": values.mean().item() for name, values in parts.items()},
+                "eval_response_length_mean": lengths.mean().item()}
