@@ -1,9 +1,10 @@
 """The rollout engine: one vLLM `LLM`, built once per run, in this process, that trades the GPU with the trainer.
 
-Per step: `push_weights(...)` (wakes the weights alone and loads the trainer's updated ones in place: no disk,
-no rebuild) -> `generate(...)` (wakes the KV cache) -> `sleep()`. On GPU, sleeping releases the KV cache and
-offloads the engine's weights so the trainer has the memory; waking the weights before the KV cache keeps the
-push's peak memory down. On CPU vLLM's sleep is a no-op, but it is still called.
+Per step: `push_weights(...)` (wakes the weights alone and streams the trainer's updated ones in place, a layer at a
+time: no disk, no rebuild) -> `generate(...)` (wakes the KV cache) -> `sleep()`. On GPU, sleeping releases the KV
+cache and offloads the engine's weights (and its CUDA graphs) so the trainer has the memory; waking the weights before
+the KV cache keeps the push's peak memory down. `sleeping` is the engine's record of what is offloaded, kept equal to
+vLLM's own (tests/test_engine.py compares them on CPU, where vLLM's sleep frees nothing but keeps the same record).
 With `--weight_sync lora` the engine is built with vLLM's LoRA and `push_lora(...)` replaces `push_weights(...)`:
 the adapter's A and B alone, in memory, served by vLLM's LoRA kernels on top of the untouched base weights.
 """
@@ -48,6 +49,7 @@ class Completion:
     truncated: bool  # hit max_new_tokens without stopping
 
 
+SLEEP_TAGS = ("weights", "kv_cache")  # what vLLM's level-1 sleep offloads (weights) or drops (KV cache)
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 
 
@@ -63,6 +65,15 @@ def engine_lora_rank(lora_r):
             return rank
     raise UserError(f"--lora_r {lora_r} is above {LORA_RANKS[-1]}, the largest LoRA rank vLLM serves: lower "
                     "--lora_r or use --weight_sync merged")
+
+
+def engine_max_num_seqs(prompts_per_step, group_size, world_size=1, eval_count=0, tp_size=1):
+    """The most sequences one generate() call asks of an engine: a rank's share of the step's prompts x (group_size + 1)
+    (one greedy completion per prompt rides along with with_greedy) or its share of the evaluation prompts (one greedy
+    each), times the ranks that pool their prompts into one engine (tensor parallel). vLLM sizes its CUDA-graph capture
+    (up to 2 x max_num_seqs) and the sampler's per-sequence buffers from it; its default (1024 on an H100) is far more."""
+    share = -(-prompts_per_step // world_size)  # ceil: shares differ by at most one
+    return tp_size * max(share * (group_size + 1), -(-eval_count // world_size), 1)
 
 
 def _load_lora_tensors(worker, lora_id, tensors, peft_config):
@@ -86,23 +97,31 @@ class RolloutEngine:
     builds = 0  # LLM constructions in this process; a run must keep it at 1 (logged as engine_builds)
 
     def __init__(self, model, max_model_len, dtype="bfloat16", gpu_memory_utilization=0.3, seed=0, max_lora_rank=0,
-                 external_launcher=False, tp_group=None):
+                 external_launcher=False, tp_group=None, max_num_seqs=None, sleep_mode=None):
         """max_lora_rank > 0 (one of LORA_RANKS): serve the policy through vLLM's LoRA kernels, the adapter
         pushed by push_lora(); 0: the engine holds merged weights, pushed by push_weights(). external_launcher: this
         process is one rank of torchrun (nanorlhf/distributed.py) and the engine lives in this process; tp_group: the
         torch.distributed group of the ranks that share this engine (tensor parallel), None when it is this rank's own.
+        max_num_seqs: the most sequences one generate() asks for (engine_max_num_seqs); None: vLLM's default.
+        sleep_mode: sleep and wake through vLLM (default: on a GPU, where it frees memory; one such engine per process,
+        vLLM's sleep-mode allocator is a singleton). On a CPU vLLM's sleep frees nothing but keeps its record.
         """
         from vllm import LLM
 
         self.on_gpu = torch.cuda.is_available()
+        self.sleep_mode = self.on_gpu if sleep_mode is None else sleep_mode
         self.dtype = getattr(torch, dtype)
         lora = dict(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1) if max_lora_rank else {}
+        gpu = {}
+        if self.on_gpu and self.sleep_mode:
+            # the CUDA graphs go to the pool that sleep offloads: else they stay on the GPU through training
+            gpu["sleep_mode_offload_cudagraph"] = True
         self.llm = LLM(
             model=model,
             dtype=dtype,
             max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
-            enable_sleep_mode=self.on_gpu,
+            enable_sleep_mode=self.on_gpu and self.sleep_mode,
             enable_prefix_caching=True,  # the G completions of a prompt share its KV cache
             # On CPU a chunked prefill of a seeded request crashes vLLM ("CPU Generator does not use
             # offset"), so every prompt is prefilled whole there.
@@ -114,7 +133,9 @@ class RolloutEngine:
             logprobs_mode="processed_logprobs",
             **({"distributed_executor_backend": "external_launcher"} if external_launcher else {}),
             tensor_parallel_size=torch.distributed.get_world_size(tp_group) if tp_group is not None else 1,
+            **({"max_num_seqs": max_num_seqs} if max_num_seqs else {}),
             **lora,
+            **gpu,
         )
         self.tp_group = tp_group
         self.lora_request = None  # the adapter every generate() uses, set by push_lora()
@@ -178,12 +199,20 @@ class RolloutEngine:
 
     @torch.no_grad()
     def push_weights(self, named_tensors):
-        """Load (hf_name, tensor) pairs into the running engine in place. All shards of a fused vLLM module
-        (q/k/v, gate/up) must come in the same call, or the fused weight goes out of step."""
+        """Load (hf_name, tensor) pairs into the running engine in place, streamed: `named_tensors` may be a generator
+        (policy.merged_weights), consumed one tensor at a time, so only the layer being loaded is materialised. All
+        shards of a fused vLLM module (q/k/v, gate/up) must come in the same call, or the fused weight goes out of step;
+        vLLM holds a fused module's shards until the last one arrives (a module whose bias is not pushed, such as
+        Qwen2's qkv, until the end of the call), so shards should come next to each other, layer by layer."""
         self.wake_up(["weights"])  # the KV cache stays released until generate(): lower peak memory
-        named_tensors = list(named_tensors)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors})
-        self.pushed_bytes = sum(t.numel() * t.element_size() for _, t in named_tensors)
+        self.pushed_bytes = 0
+
+        def counted():
+            for name, tensor in named_tensors:
+                self.pushed_bytes += tensor.numel() * tensor.element_size()
+                yield name, tensor
+
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": counted()})
         self.prefix_cache_stale = True
 
     @torch.no_grad()
@@ -203,13 +232,26 @@ class RolloutEngine:
         self.pushed_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
 
     def sleep(self):
-        """Free the GPU for training: drop the KV cache and offload the weights (level 1). No-op on CPU."""
-        if self.on_gpu and not self.sleeping:
-            self.llm.sleep(level=1)
-        self.sleeping = {"weights", "kv_cache"}
+        """Free the GPU for training: drop the KV cache and offload the weights (level 1). Whatever is awake goes to
+        sleep, the weights alone included (a push followed by an empty share of prompts)."""
+        if self.sleeping != set(SLEEP_TAGS):
+            if self.sleep_mode:
+                self.llm.sleep(level=1)  # vLLM skips what already sleeps
+            self.sleeping = set(SLEEP_TAGS)
 
-    def wake_up(self, tags=("weights", "kv_cache")):
+    def close(self):
+        """Shut the engine down and release its memory, for a process that builds another one after it (benchmarks).
+        On a GPU a sleep-mode engine's pool must be empty before another sleep-mode engine starts in this process."""
+        import gc
+
+        self.llm.llm_engine.engine_core.shutdown()
+        del self.llm
+        gc.collect()
+        if self.on_gpu:
+            torch.cuda.empty_cache()
+
+    def wake_up(self, tags=SLEEP_TAGS):
         tags = [tag for tag in tags if tag in self.sleeping]
-        if self.on_gpu and tags:
+        if self.sleep_mode and tags:
             self.llm.wake_up(tags=tags)
         self.sleeping -= set(tags)

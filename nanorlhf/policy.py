@@ -6,6 +6,7 @@ The model stays in train mode (LoRA dropout on; transformers checkpoints a layer
 no dropout there, so old log-probs, the canary, the reference and the critic's values are deterministic.
 """
 
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -89,10 +90,30 @@ def adamw(params, learning_rate):
         return torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
 
 
+# optimizer -> {(id(parameter), state key): host tensor}: the pinned buffers Adam's moments live in while the engine
+# generates, allocated once and reused every step (a new pinned tensor per step would grow torch's pinned-memory cache)
+_HOST_BUFFERS = weakref.WeakKeyDictionary()
+
+
 def move_optimizer_state(optimizer, to):
-    """Move Adam's moment tensors to `to` ("cpu" while the engine generates, the GPU for the update).
-    On a CPU-only machine this is a no-op."""
-    for state in optimizer.state.values():
+    """Move Adam's moment tensors to `to` ("cpu" while the engine generates, the GPU for the update). To the host they
+    go into pinned buffers kept from step to step; state["step"] stays where the optimizer keeps it (the fused AdamW
+    keeps it on the parameters' device, and it is a few bytes). On a CPU-only machine this is a no-op."""
+    to = torch.device(to)
+    buffers = _HOST_BUFFERS.setdefault(optimizer, {})
+    copied = False
+    for param, state in optimizer.state.items():
         for key, value in state.items():
-            if torch.is_tensor(value) and key != "step":
+            if not torch.is_tensor(value) or key == "step" or value.device == to:
+                continue
+            if to.type == "cpu":
+                buffer = buffers.get((id(param), key))
+                if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
+                    buffer = buffers[id(param), key] = torch.empty(value.shape, dtype=value.dtype,
+                                                               pin_memory=value.is_cuda)
+                state[key] = buffer.copy_(value, non_blocking=True)
+                copied = True
+            else:
                 state[key] = value.to(to, non_blocking=True)
+    if copied and torch.cuda.is_available():
+        torch.cuda.current_stream().synchronize()  # the host copies are complete before anything reads them
