@@ -33,7 +33,6 @@ Commands (results: benchmarks/results/engine_rebuild_cpu.json, docs/img/engine_r
 
 import argparse
 import copy
-import gc
 import json
 import os
 import resource
@@ -99,18 +98,27 @@ def rebuild_sync(self):
 
     from nanorlhf.engine import RolloutEngine
 
+    holder = getattr(self, "trainer", self)  # where the run keeps whether the engine is behind the policy
+    if not holder.engine_stale:
+        return
+    holder.engine_stale = False
     with self.timed("time_sync"):
         merged = copy.deepcopy(self.policy).merge_and_unload()
         folder = os.path.join(self.output_dir, "merged-model")
         merged.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
         del merged
-        del self.engine.llm  # the old engine must go before the new one takes its memory
-        gc.collect()
+        used = torch.cuda.mem_get_info()[1] - torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else 0
+        self.engine.close()  # the old engine must go before the new one takes its memory
         if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+            freed = used - (torch.cuda.mem_get_info()[1] - torch.cuda.mem_get_info()[0])
+            if freed < 0.5 * self.cfg.vllm_gpu_memory * torch.cuda.mem_get_info()[1]:
+                sys.exit(f"rebuild: closing the old engine freed {freed / 2**30:.1f} GiB of the "
+                         f"{self.cfg.vllm_gpu_memory:g} share it held: a new engine would not fit beside it")
         self.engine = RolloutEngine(folder, self.max_model_len, self.cfg.dtype, self.cfg.vllm_gpu_memory,
                                     self.cfg.seed)
+        if hasattr(self, "rollout"):  # the step's generation reads the engine from there
+            self.rollout.engine = self.engine
 
 
 def worker(strategy, grpo_argv):
@@ -120,9 +128,14 @@ def worker(strategy, grpo_argv):
 
     grpo = load_module(os.path.join(ROOT, "GRPO", "grpo.py"))
     if strategy == "rebuild":
+        import functools
+
         import nanorlhf.run
+        from nanorlhf.engine import RolloutEngine
 
         nanorlhf.run.Run.sync = rebuild_sync
+        # the original nanoRLHF never slept its engine; and vLLM's sleep-mode allocator serves one engine per process
+        RolloutEngine.__init__ = functools.partialmethod(RolloutEngine.__init__, sleep_mode=False)
     with exit_on_user_error():
         cfg = parse_config(grpo.Config, grpo_argv, demo=grpo.DEMO)
         grpo.main(cfg)

@@ -95,6 +95,8 @@ def parse_args(argv=None):
     args.models = args.models.split(",")
     if not set(args.models) <= set(MODELS):
         p.error(f"--models takes {' and/or '.join(MODELS)}, got {','.join(args.models)}")
+    if len(args.models) > 1 and torch.cuda.is_available():  # a deleted engine's GPU memory is not certain to come back
+        p.error("on a GPU, run one model per process: --models demo, then --models small (with its own --json)")
     args.lrs = [float(x) for x in args.lrs.split(",")]
     args.steps = sorted(int(x) for x in args.steps.split(","))
     return args
@@ -262,7 +264,9 @@ def run_model(name, args, workdir):
     low = load_policy(path, args.lora_r, args.lora_alpha, dtype=args.dtype)  # the trainer at --dtype
     initial = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
     # One engine per sync mode, built as a run builds it (merged: no LoRA kernels), both alive so they can take turns.
-    engines = {mode: RolloutEngine(path, max_len, args.dtype, seed=args.seed,
+    # Without sleep mode: vLLM's sleep-mode allocator serves one engine per process, and nothing here trains beside
+    # them on the GPU (each takes 0.3 of it).
+    engines = {mode: RolloutEngine(path, max_len, args.dtype, seed=args.seed, sleep_mode=False,
                                    max_lora_rank=engine_lora_rank(args.lora_r) if mode == "lora" else 0)
                for mode in SYNCS}
     print(f"engines built ({time.perf_counter() - started:.0f} s)", flush=True)
@@ -282,7 +286,7 @@ def run_model(name, args, workdir):
     print(f"generation speed ({time.perf_counter() - started:.0f} s)", flush=True)
     pushed_bytes = {mode: engine.pushed_bytes for mode, engine in engines.items()}
     for engine in engines.values():
-        del engine.llm  # the next model's engines need the memory
+        engine.close()  # the next model's engines need the memory
     del engines
     gc.collect()
     sync_seconds = {mode: statistics.mean(values) for mode, values in seconds.items()}
