@@ -21,9 +21,10 @@ from nanorlhf import console, distributed
 from nanorlhf.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from nanorlhf.config import as_dict, check_config
 from nanorlhf.data import load_prompts
-from nanorlhf.engine import RolloutEngine, engine_lora_rank
+from nanorlhf.engine import RolloutEngine, engine_lora_rank, engine_max_num_seqs
 from nanorlhf.errors import UserError
 from nanorlhf.export import check_hub_credentials, export
+from nanorlhf.gpu import check_dtype_supported, check_engine_memory, is_out_of_memory
 from nanorlhf.logprobs import packing_works
 from nanorlhf.policy import adamw, device, evaluating, load_policy, merged_weights
 from nanorlhf.rewards import build_rewards
@@ -49,6 +50,7 @@ class Run:
         self.world_size = distributed.world_size()
         self.total_steps = check_config(cfg, self.world_size)  # everything the user named is checked before
         self.episodes_per_step = cfg.prompts_per_step * cfg.group_size  # anything is written
+        check_dtype_supported(cfg.dtype)  # a GPU without bf16 says so before the trainer loads
         distributed.setup()  # under torchrun: this process is one rank of the data-parallel group (else a no-op)
         console.say(f"{algo}: loading {cfg.model}" + ("" if cfg.verbose else
                     " (library output goes to run.log in the run folder; --verbose true shows it)"))
@@ -69,9 +71,14 @@ class Run:
 
         saved_rng = self._load_policy(model_name, checkpoint, changes)
         max_lora_rank = engine_lora_rank(cfg.lora_r) if self.weight_sync == "lora" else 0
+        check_engine_memory(sum(p.numel() for p in self.policy.parameters() if not p.requires_grad), cfg.dtype,
+                            cfg.vllm_gpu_memory)  # float32 on a small GPU: one sentence, not vLLM's start-up failure
+        tp = cfg.vllm_tensor_parallel_size
         self.engine = RolloutEngine(model_name, self.max_model_len, cfg.dtype, cfg.vllm_gpu_memory, cfg.seed,
                                     max_lora_rank, external_launcher=self.world_size > 1,
-                                    tp_group=distributed.tensor_parallel_group(cfg.vllm_tensor_parallel_size))
+                                    tp_group=distributed.tensor_parallel_group(tp),
+                                    max_num_seqs=engine_max_num_seqs(cfg.prompts_per_step, cfg.group_size,
+                                                                     self.world_size, len(self.eval_prompts), tp))
         self.rollout = Rollout(cfg, self.engine, self.optimizer, self.rewards, self.timed, self.times, self.failed)
         self.trainer = Update(cfg, self.policy, self.optimizer, self.scheduler, self.tokenizer.pad_token_id,
                               self.packed, self.timed, self.times)
@@ -308,7 +315,9 @@ class Run:
         start = time.perf_counter()
         try:
             yield
-        except torch.OutOfMemoryError:
+        except Exception as e:  # torch's OutOfMemoryError, or vLLM's allocator failing to wake (nanorlhf/gpu.py)
+            if not is_out_of_memory(e):
+                raise
             self.optimizer.zero_grad(set_to_none=True)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

@@ -4,7 +4,8 @@
   130 or 143; a second one aborts at once. Under torchrun every rank stops at the same point (`agreed`).
 - An error in the middle of a step (a reward function that raises or hangs, out of memory) saves the last completed
   step first, when that is still possible, and says where it is (`failed`).
-- Out of memory names the phase and the field to lower (`out_of_memory`).
+- Out of memory (torch's, or vLLM's allocator failing to wake: nanorlhf/gpu.py) names the phase and the field to
+  lower (`out_of_memory`).
 """
 
 import os
@@ -13,15 +14,9 @@ import threading
 
 from nanorlhf import console, distributed
 from nanorlhf.errors import UserError
+from nanorlhf.gpu import out_of_memory_advice
 
 SIGNALS = {signal.SIGINT: ("Ctrl-C", 130), signal.SIGTERM: ("SIGTERM", 143)}  # exit status 128 + signal number
-
-# the field to lower when a phase runs out of memory (the reward model runs while the engine sleeps, so the engine's
-# share is what leaves it room)
-OOM_FIELDS = {"time_generate": ("generation", "--vllm_gpu_memory or --max_new_tokens"),
-              "time_eval": ("generation", "--vllm_gpu_memory or --max_new_tokens"),
-              "time_score": ("reward", "--vllm_gpu_memory (the engine's share)")}
-OOM_TRAINING = ("training", "--micro_batch_tokens or --max_new_tokens")
 
 
 class Stop:
@@ -86,6 +81,6 @@ class Stop:
 
     def out_of_memory(self, phase_name, weights_changed):
         """The UserError for out of memory in a timed phase, after saving what failed() can."""
-        phase, fields = OOM_FIELDS.get(phase_name, OOM_TRAINING)
+        phase, fields = out_of_memory_advice(phase_name)  # what ran, and the fields that lower its memory
         return UserError(f"out of memory in {phase} ({phase_name}) at step {self.step}: lower {fields}. "
                          + self.failed(weights_changed))
