@@ -32,8 +32,6 @@ Commands (results: benchmarks/results/batching_sparse_cpu.json, docs/img/batchin
   python benchmarks/batching_sparse.py --tiny  # seconds: what tests/test_bench_loop.py runs
 """
 
-import argparse
-import json
 import os
 import statistics
 import sys
@@ -44,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.common import Table, add_output_flags, in_turn, machine, parser, settings, write_json  # noqa: E402
 from nanorlhf.logprobs import completion_logprobs, padding_fraction, token_budget_batches  # noqa: E402
 from nanorlhf.tracking import new_figure, save_figure  # noqa: E402
 
@@ -51,7 +50,7 @@ PAD_ID = 0
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p = parser(__doc__)
     p.add_argument("--samples", type=int, default=64, help="completions in the batch")
     p.add_argument("--prompt_tokens", type=int, default=64, help="prompt length of every sample")
     p.add_argument("--median", type=float, default=256, help="median completion length (lognormal)")
@@ -68,9 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed passes per variant (alternating)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU seconds count work, not spin-waits)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tiny", action="store_true", help="16 samples of 16..256 tokens, a small model: the test")
-    p.add_argument("--json", help="write the results here")
-    p.add_argument("--plot", help="write a PNG here")
+    add_output_flags(p, tiny="16 samples of 16..256 tokens, a small model: the test", plot="write a PNG here")
     args = p.parse_args(argv)
     if args.tiny:
         args.samples, args.prompt_tokens, args.median, args.max_len = 16, 16, 48, 256
@@ -168,7 +165,7 @@ def main(args):
     cpu, wall, grads = {name: [] for name in variants}, {name: [] for name in variants}, {}
     names = list(variants)
     for repeat in range(args.repeats):
-        order = names[repeat % len(names):] + names[: repeat % len(names)]
+        order = in_turn(names, repeat)
         for name in order:
             idx, batches = variants[name]
             cpu_s, wall_s = update_pass(model, [prompts[i] for i in idx], [completions[i] for i in idx], batches)
@@ -204,41 +201,35 @@ def main(args):
 
     print()
     print("(a) batching: forward+backward of the whole batch (median CPU seconds of this process, and wall seconds)")
-    header = (f"{'variant':<12} {'samples':>7} {'micro-batches':>13} {'largest mb':>10} {'padded tok':>10} "
-              f"{'padding':>8} {'CPU s':>8} {'wall s':>8} {'grad rel diff':>13}")
-    print(header)
-    print("-" * len(header))
+    table = Table(("variant", "<12"), ("samples", ">7"), ("micro-batches", ">13"), ("largest mb", ">10"),
+                  ("padded tok", ">10"), ("padding", ">8.1%"), ("CPU s", ">8.2f"), ("wall s", ">8.2f"),
+                  ("grad rel diff", ">13.1e"))
+    table.print_header()
     for name in ("fixed", "budget=peak", "budget=mean"):
         r = rows[name]
-        print(f"{name:<12} {r['samples']:>7} {r['micro_batches']:>13} {r['largest_micro_batch_tokens']:>10} "
-              f"{r['padded_tokens']:>10} {r['padding_fraction']:>8.1%} {r['cpu_seconds']:>8.2f} "
-              f"{r['wall_seconds']:>8.2f} {r['grad_max_rel_diff']:>13.1e}")
+        table.print_row(name, r["samples"], r["micro_batches"], r["largest_micro_batch_tokens"], r["padded_tokens"],
+                        r["padding_fraction"], r["cpu_seconds"], r["wall_seconds"], r["grad_max_rel_diff"])
     for label in ("fixed/budget=peak", "fixed/budget=mean"):
         print(f"{label}: CPU time {ratios[label + ' cpu_seconds']:.2f}x, wall time "
               f"{ratios[label + ' wall_seconds']:.2f}x, padded tokens {ratios[label + ' padded_tokens']:.2f}x")
     print()
     print(f"(b) sparse GRPO: {equal_groups} of {groups} groups all-equal, dropped; token-budget batches (budget "
           f"{peak_budget})")
-    header = (f"{'batch':<12} {'samples':>7} {'real tok':>10} {'padded tok':>10} {'padding':>8} {'CPU s':>8} "
-              f"{'wall s':>8}")
-    print(header)
-    print("-" * len(header))
+    table = Table(("batch", "<12"), ("samples", ">7"), ("real tok", ">10"), ("padded tok", ">10"),
+                  ("padding", ">8.1%"), ("CPU s", ">8.2f"), ("wall s", ">8.2f"))
+    table.print_header()
     for label, name in (("full", "budget=peak"), ("sparse", "sparse")):
         r = rows[name]
-        print(f"{label:<12} {r['samples']:>7} {r['real_tokens']:>10} {r['padded_tokens']:>10} "
-              f"{r['padding_fraction']:>8.1%} {r['cpu_seconds']:>8.2f} {r['wall_seconds']:>8.2f}")
+        table.print_row(label, r["samples"], r["real_tokens"], r["padded_tokens"], r["padding_fraction"],
+                        r["cpu_seconds"], r["wall_seconds"])
     print(f"full/sparse: CPU time {ratios['full/sparse cpu_seconds']:.2f}x, wall time "
           f"{ratios['full/sparse wall_seconds']:.2f}x, padded tokens {ratios['full/sparse padded_tokens']:.2f}x")
 
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        settings = {k: v for k, v in vars(args).items() if k not in ("json", "plot")}
-        with open(args.json, "w") as f:
-            json.dump({"device": "cpu", "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-                       "load_average_at_end": os.getloadavg(), "settings": settings,
-                       "budgets": {"peak": peak_budget, "mean": mean_budget},
-                       "completion_lengths": lengths_c, "equal_groups": sorted(dropped),
-                       "equal_group_fraction": equal_groups / groups, "rows": rows, "ratios": ratios}, f, indent=1)
+        write_json(args.json, {**machine("cpu", torch.get_num_threads()), "settings": settings(args),
+                               "budgets": {"peak": peak_budget, "mean": mean_budget},
+                               "completion_lengths": lengths_c, "equal_groups": sorted(dropped),
+                               "equal_group_fraction": equal_groups / groups, "rows": rows, "ratios": ratios})
     if args.plot:
         plot(rows, ratios, args, args.plot)
 

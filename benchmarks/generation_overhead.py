@@ -14,8 +14,6 @@ loop's cost (1.0 = none). A random model with a 32k vocabulary almost never ends
   python benchmarks/generation_overhead.py --json benchmarks/results/generation_overhead_cpu.json
 """
 
-import argparse
-import json
 import os
 import random
 import statistics
@@ -23,8 +21,9 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a plain script
 
+from benchmarks.common import Table, add_output_flags, in_turn, parser, write_json  # noqa: E402
 from nanorlhf.engine import RolloutEngine, completion_seeds  # noqa: E402  (sets vLLM's in-process environment first)
 from nanorlhf.tiny import build_policy_at_shape  # noqa: E402
 
@@ -32,7 +31,7 @@ VARIANTS = ("engine", "vllm_seeded", "vllm")
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=32768)
@@ -41,8 +40,7 @@ def parse_args():
     p.add_argument("--group_size", type=int, default=4)
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--tiny", action="store_true", help="hidden 128, 2 layers, 16 tokens, one round: the test")
-    p.add_argument("--json")
+    add_output_flags(p, tiny="hidden 128, 2 layers, 16 tokens, one round: the test")
     args = p.parse_args()
     if args.tiny:
         args.hidden, args.layers, args.vocab, args.max_new_tokens, args.rounds = 128, 2, 4096, 16, 1
@@ -77,7 +75,7 @@ def main():
         engine = RolloutEngine(path, 64 + args.max_new_tokens, args.dtype, seed=0)
         rates = {v: [] for v in VARIANTS}
         for round_ in range(args.rounds + 1):
-            for variant in VARIANTS[round_ % 3:] + VARIANTS[: round_ % 3]:
+            for variant in in_turn(VARIANTS, round_):
                 start = time.perf_counter()
                 tokens = call(engine, variant, prompts, args, seed=round_)
                 if round_ > 0:
@@ -88,12 +86,12 @@ def main():
     results["engine_over"] = {v: median["engine"] / median[v] for v in VARIANTS[1:]}
     print(f"hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {args.dtype}: {args.prompts} prompts x "
           f"{args.group_size} completions x up to {args.max_new_tokens} tokens, {args.rounds} rounds")
+    table = Table(("variant", "<12"), ("tokens/s", ">8.1f"), ("engine / this", ">13.3f"))
+    table.print_header()
     for v in VARIANTS:
-        print(f"{v:<12} {median[v]:>8.1f} tokens/s" + (f"   engine / {v}: {results['engine_over'][v]:.3f}"
-                                                       if v != "engine" else ""))
+        table.print_row(v, median[v], results["engine_over"].get(v))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -29,9 +29,7 @@ Commands:
   python benchmarks/gpu_train_step.py --device cpu --tiny   # seconds on a CPU: what tests/test_benchmarks.py runs
 """
 
-import argparse
 import gc
-import json
 import os
 import sys
 import time
@@ -42,6 +40,7 @@ import torch  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
+from benchmarks.common import Table, add_output_flags, parser, settings, write_json  # noqa: E402  (standard library)
 from nanorlhf.logprobs import completion_logprobs  # noqa: E402  (imports only torch: no vllm needed)
 from nanorlhf.lora import fuse_lora_layers  # noqa: E402  (torch and peft)
 
@@ -53,7 +52,7 @@ TINY = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = parser(__doc__)
     p.add_argument("--completion_tokens", default="1500,8000", help="completion lengths, comma-separated")
     p.add_argument("--prompt_tokens", type=int, default=200, help="prompt length in front of each completion")
     p.add_argument("--batch_size", type=int, default=1, help="sequences per step (one micro-batch)")
@@ -64,10 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--chunk_tokens", type=int, default=128, help="completion_logprobs chunk size (its default)")
     p.add_argument("--peak_tflops", type=float, help="the card's dense bf16 peak; default 989 (H100 SXM) on cuda")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--tiny", action="store_true", help="hidden 128, 2 layers, vocab 1000, 64/128 tokens, 1 step")
     p.add_argument("--peft_lora", action="store_true", help="peft's own LoRA layers (what gpu_train_step_h100.json "
                    "measured) instead of nanorlhf/lora.py's one-function layers, which load_policy uses since 2026-12-04")
-    p.add_argument("--json", help="write the results here")
+    add_output_flags(p, tiny="hidden 128, 2 layers, vocab 1000, 64/128 tokens, 1 step")
     args = p.parse_args(argv)
     args.shape = TINY if args.tiny else QWEN25_1P5B
     if args.tiny:
@@ -164,8 +162,9 @@ def main(argv=None):
           f"torch {torch.__version__}")
     print("model FLOPs/step = batch * (4*N*T + 6*N_lora*T + 6*L*h*T^2), T = prompt + completion; "
           f"MFU against {args.peak_tflops or '-'} TFLOPS; {args.steps} timed step(s) after 1 warm-up")
-    print(f"{'completion':>10} {'log-probs':>9} {'grad ckpt':>9} {'tokens/s':>9} {'s/step':>7} {'TFLOPS':>7} "
-          f"{'MFU':>6} {'peak GiB':>8}")
+    table = Table(("completion", ">10"), ("log-probs", ">9"), ("grad ckpt", ">9"), ("tokens/s", ">9.0f"),
+                  ("s/step", ">7.2f"), ("TFLOPS", ">7.1f"), ("MFU", ">6.1%"), ("peak GiB", ">8.1f"))
+    table.print_header()
     rows = []
     for completion_tokens in args.completion_tokens:
         tokens = args.prompt_tokens + completion_tokens
@@ -183,27 +182,20 @@ def main(argv=None):
                 gc.collect()
                 if args.device == "cuda":
                     torch.cuda.empty_cache()
-                label = (f"{completion_tokens:>10} {'chunked' if chunked else 'plain':>9} "
-                         f"{'on' if checkpointing else 'off':>9}")
+                cell = (completion_tokens, "chunked" if chunked else "plain", "on" if checkpointing else "off")
                 if seconds is None:
                     row["oom"] = True
-                    print(f"{label} {'OOM':>9} {'OOM':>7} {'OOM':>7} {'OOM':>6} {'OOM':>8}", flush=True)
+                    table.print_row(*cell, *["OOM"] * 5)
                 else:
                     tflops = model_flops_per_step(args, lora_params, tokens) / seconds / 1e12
                     mfu = tflops / args.peak_tflops if args.peak_tflops else None
                     row.update(oom=False, seconds_per_step=seconds, tflops=tflops, mfu=mfu, peak_memory_gib=peak_gib,
                                tokens_per_second=args.batch_size * tokens / seconds)
-                    mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "-"
-                    peak_text = f"{peak_gib:.1f}" if peak_gib is not None else "-"
-                    print(f"{label} {row['tokens_per_second']:>9.0f} {seconds:>7.2f} {tflops:>7.1f} {mfu_text:>6} "
-                          f"{peak_text:>8}", flush=True)
+                    table.print_row(*cell, row["tokens_per_second"], seconds, tflops, mfu, peak_gib)
                 rows.append(row)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        config = {k: v for k, v in vars(args).items() if k != "json"}
-        with open(args.json, "w") as f:
-            json.dump({"config": config, "device": device_name, "torch": torch.__version__,
-                       "lora_params": lora_params, "rows": rows}, f, indent=1)
+        write_json(args.json, {"config": settings(args), "device": device_name, "torch": torch.__version__,
+                               "lora_params": lora_params, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -28,10 +28,8 @@ Commands (results: benchmarks/results/logprob_memory_cpu.json, docs/img/logprob_
   python benchmarks/logprob_memory.py --tiny        # seconds: what tests/test_benchmarks.py runs
 """
 
-import argparse
 import ctypes
 import gc
-import json
 import os
 import re
 import sys
@@ -44,6 +42,7 @@ import torch  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 from transformers.modeling_outputs import BaseModelOutputWithPast  # noqa: E402
 
+from benchmarks.common import Table, add_output_flags, parser, settings, write_json  # noqa: E402
 from nanorlhf.logprobs import completion_logprobs  # noqa: E402
 from nanorlhf.tracking import new_figure, save_figure  # noqa: E402
 
@@ -51,7 +50,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = parser(__doc__)
     p.add_argument("--tokens", default="2048,8192", help="completion lengths to measure, comma-separated")
     p.add_argument("--prompt_tokens", type=int, default=128, help="prompt length in front of each completion")
     p.add_argument("--vocab", type=int, default=151936, help="vocabulary size (Qwen2.5)")
@@ -61,9 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--modes", default="no_grad,train", help="no_grad and/or train (forward with grad + backward)")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="model dtype (the training dtype)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--tiny", action="store_true", help="small vocab/hidden/tokens: runs in seconds (tests)")
-    p.add_argument("--json", help="write the results here")
-    p.add_argument("--plot", help="write a PNG bar chart here")
+    add_output_flags(p, tiny="small vocab/hidden/tokens: runs in seconds (tests)", plot="write a PNG bar chart here")
     args = p.parse_args(argv)
     if args.tiny:
         args.vocab, args.hidden, args.layers, args.tokens = 2000, 64, 1, "256,512"
@@ -202,23 +199,20 @@ def main(argv=None):
     # out of the first measured row.
     for mode in args.modes:
         compare(model, *sequence(model, 64, args), mode, args)
-    print(f"{'tokens':>7} {'mode':>8} {'plain MiB':>10} {'chunked MiB':>12} {'plain/chunked':>14} "
-          f"{'max|diff|':>10} {'grad max|diff|':>15}")
+    table = Table(("tokens", ">7"), ("mode", ">8"), ("plain MiB", ">10.1f"), ("chunked MiB", ">12.1f"),
+                  ("plain/chunked", ">14"), ("max|diff|", ">10.2e"), ("grad max|diff|", ">15.2e"))
+    table.print_header()
     rows = []
     for tokens in args.tokens:
         input_ids, hidden = sequence(model, tokens, args)
         for mode in args.modes:
             row = compare(model, input_ids, hidden, mode, args)
             rows.append(row)
-            grad_diff = "-" if row["grad_max_abs_diff"] is None else f"{row['grad_max_abs_diff']:.2e}"
-            print(f"{tokens:>7} {mode:>8} {row['plain_mib']:>10.1f} {row['chunked_mib']:>12.1f} "
-                  f"{row['ratio']:>13.1f}x {row['max_abs_diff']:>10.2e} {grad_diff:>15}", flush=True)
+            table.print_row(tokens, mode, row["plain_mib"], row["chunked_mib"], f"{row['ratio']:.1f}x",
+                            row["max_abs_diff"], row["grad_max_abs_diff"])
         del input_ids, hidden
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        config = {k: v for k, v in vars(args).items() if k not in ("json", "plot")}
-        with open(args.json, "w") as f:
-            json.dump({"config": config, "memory_method": method, "rows": rows}, f, indent=1)
+        write_json(args.json, {"config": settings(args), "memory_method": method, "rows": rows})
     if args.plot:
         plot(rows, args.plot)
 

@@ -10,16 +10,15 @@ each layer's input, and one layer's share of these bytes is alive while that lay
   python benchmarks/lora_saved_memory.py --tiny      # seconds: what tests/test_benchmarks.py runs
 """
 
-import argparse
-import json
 import os
 import sys
 import tempfile
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a plain script
 
+from benchmarks.common import Table, add_output_flags, parser, write_json  # noqa: E402
 from nanorlhf.logprobs import completion_logprobs  # noqa: E402
 from nanorlhf.lora import fuse_lora_layers  # noqa: E402
 from nanorlhf.policy import load_policy  # noqa: E402
@@ -43,11 +42,10 @@ def saved_bytes(model, prompts, completions):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--sequences", type=int, default=8)
     p.add_argument("--tokens", type=int, default=128, help="completion tokens per sequence (prompts: 32)")
-    p.add_argument("--tiny", action="store_true", help="hidden 128, 2 layers, 2 sequences of 16 tokens")
-    p.add_argument("--json", help="write the results here")
+    add_output_flags(p, tiny="hidden 128, 2 layers, 2 sequences of 16 tokens")
     args = p.parse_args()
     shape = dict(hidden_size=128, num_layers=2, vocab_size=512) if args.tiny else dict(hidden_size=512, num_layers=4)
     if args.tiny:
@@ -57,7 +55,9 @@ def main():
     results = {"args": vars(args), "shape": shape, "rows": []}
     with tempfile.TemporaryDirectory() as folder:
         path = build_policy_at_shape(folder, **shape)
-        print(f"{'dtype':<9} {'dropout':>7} {'peft MiB':>9} {'fused MiB':>9} {'fused/peft':>10}")
+        table = Table(("dtype", "<9"), ("dropout", ">7"), ("peft MiB", ">9.1f"), ("fused MiB", ">9.1f"),
+                      ("fused/peft", ">10.2f"))
+        table.print_header()
         for dtype in ("bfloat16", "float32"):
             for dropout in (0.0, 0.05):
                 model = load_policy(path, 64, 16, dropout, "all-linear", dtype, gradient_checkpointing=False)
@@ -67,11 +67,9 @@ def main():
                     row["fused_bytes" if fused else "peft_bytes"] = saved_bytes(model, prompts, completions)
                 row["ratio"] = row["fused_bytes"] / row["peft_bytes"]
                 results["rows"].append(row)
-                print(f"{dtype:<9} {dropout:>7} {row['peft_bytes'] / 2**20:>9.1f} {row['fused_bytes'] / 2**20:>9.1f} "
-                      f"{row['ratio']:>10.2f}")
+                table.print_row(dtype, dropout, row["peft_bytes"] / 2**20, row["fused_bytes"] / 2**20, row["ratio"])
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

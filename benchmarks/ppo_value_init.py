@@ -13,28 +13,22 @@ Commands (results: benchmarks/results/ppo_value_init_cpu.json, docs/img/ppo_valu
   python benchmarks/ppo_value_init.py --tiny  # 1 seed, 3 steps of 4 prompts: what tests/test_bench_loop.py runs
 """
 
-import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
-import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run as a plain script
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a plain script
 
+from benchmarks.common import ROOT, Table, add_output_flags, child_env, make_workdir, parser, write_json  # noqa: E402
 from nanorlhf.tracking import new_figure, read_metrics, save_figure  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
-                                epilog="Other --field value pairs are passed to every run.")
+    p = parser(__doc__, epilog="Other --field value pairs are passed to every run.")
     p.add_argument("--seeds", default="42,43,44", help="one pair of runs per seed, comma-separated")
-    p.add_argument("--tiny", action="store_true", help="1 seed, 3 steps of 4 prompts x 4, 2 init steps: the test")
-    p.add_argument("--workdir", help="keep the run folders here (default: a temporary folder)")
-    p.add_argument("--json", help="write the results here")
-    p.add_argument("--plot", help="write a PNG here")
+    add_output_flags(p, tiny="1 seed, 3 steps of 4 prompts x 4, 2 init steps: the test",
+                     workdir="keep the run folders here (default: a temporary folder)", plot="write a PNG here")
     args, extra = p.parse_known_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     if args.tiny:
@@ -48,11 +42,11 @@ def run_ppo(seed, init, out_dir, extra):
     """One demo run; init None keeps the demo's value_init_steps. Returns its metrics rows."""
     flags = ["--demo", "--seed", str(seed), "--wandb", "false", "--save_every", "1000000", "--output_dir", out_dir,
              "--overwrite", "true", *extra, *(["--value_init_steps", "0"] if init == 0 else [])]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run([sys.executable, os.path.join(ROOT, "PPO", "ppo.py"), *flags], cwd=ROOT,
-                            capture_output=True, text=True, env=env)
+                            capture_output=True, text=True, env=child_env())
     if result.returncode != 0:
-        sys.exit(f"PPO run (seed {seed}, value init {init}) failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
+        sys.exit(f"PPO run (seed {seed}, value init {init}) failed (exit {result.returncode}):\n"
+                 f"{result.stderr[-3000:]}")
     return read_metrics(os.path.join(out_dir, "metrics.jsonl"))
 
 
@@ -87,7 +81,7 @@ def plot(results, path, title):
 
 
 def main(args, extra):
-    workdir = args.workdir or tempfile.mkdtemp(prefix="ppo_value_init-")
+    workdir = make_workdir(args, "ppo_value_init-")
     variants = {"with value init": None, "without (value_init_steps 0)": 0}
     runs = {name: [] for name in variants}
     for seed in args.seeds:
@@ -98,17 +92,14 @@ def main(args, extra):
                   f"{rows[-1]['reward_mean']:.3f}", flush=True)
     results = {name: summarize(variant_runs) for name, variant_runs in runs.items()}
     print(f"\nmean over seeds {args.seeds}")
-    header = f"{'variant':<30} {'reward steps 1-10':>18} {'first quarter':>14} {'last quarter':>13} {'EV steps 1-10':>14}"
-    print(header)
-    print("-" * len(header))
+    table = Table(("variant", "<30"), ("reward steps 1-10", ">18.3f"), ("first quarter", ">14.3f"),
+                  ("last quarter", ">13.3f"), ("EV steps 1-10", ">14.3f"))
+    table.print_header()
     for name, r in results.items():
-        ev = r["explained_variance_first_10_steps"]
-        print(f"{name:<30} {r['reward_first_10_steps']:>18.3f} {r['reward_first_quarter']:>14.3f} "
-              f"{r['reward_last_quarter']:>13.3f} {ev if ev is not None else float('nan'):>14.3f}")
+        table.print_row(name, r["reward_first_10_steps"], r["reward_first_quarter"], r["reward_last_quarter"],
+                        r["explained_variance_first_10_steps"])
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"seeds": args.seeds, "extra_flags": extra, "results": results}, f, indent=1)
+        write_json(args.json, {"seeds": args.seeds, "extra_flags": extra, "results": results})
     if args.plot:
         plot(results, args.plot, f"PPO --demo with and without value-model initialisation, mean of seeds {args.seeds}")
 

@@ -9,17 +9,15 @@ same numbers (docs/scaling.md). Prints per-step reward_mean of both and |loss| /
 Throughput is not compared: on 2 cores the two ranks share the cores that one process had alone.
 """
 
-import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a plain script
 
-from nanorlhf.tracking import new_figure, save_figure  # noqa: E402
+from benchmarks.common import ROOT, Table, add_output_flags, parser, write_json  # noqa: E402
+from nanorlhf.tracking import new_figure, read_metrics, save_figure  # noqa: E402
 
 
 def run(output_dir, ranks, episodes):
@@ -30,18 +28,12 @@ def run(output_dir, ranks, episodes):
     return output_dir
 
 
-def metrics(output_dir):
-    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", nargs=2, help="two finished run folders: one process, two ranks")
-    parser.add_argument("--episodes", type=int, default=5120)  # 20 steps of the demo's 256 episodes
-    parser.add_argument("--json")
-    parser.add_argument("--plot")
-    args = parser.parse_args()
+    p = parser(__doc__)
+    p.add_argument("--runs", nargs=2, help="two finished run folders: one process, two ranks")
+    p.add_argument("--episodes", type=int, default=5120)  # 20 steps of the demo's 256 episodes
+    add_output_flags(p, plot="write a PNG of reward_mean per step and the differences here")
+    args = p.parse_args()
     if args.runs:
         one, two = args.runs
     else:
@@ -49,14 +41,14 @@ def main():
         one, two = run(os.path.join(tmp, "one"), 1, args.episodes), run(os.path.join(tmp, "two"), 2, args.episodes)
     rows = [{"step": a["step"], "reward_mean_1": a["reward_mean"], "reward_mean_2": b["reward_mean"],
              "loss_diff": abs(a["loss"] - b["loss"]), "grad_norm_diff": abs(a["grad_norm"] - b["grad_norm"])}
-            for a, b in zip(metrics(one), metrics(two))]
-    print(f"{'step':>4} {'reward 1 proc':>13} {'reward 2 ranks':>14} {'|loss diff|':>11} {'|grad_norm diff|':>16}")
+            for a, b in zip(*(read_metrics(os.path.join(folder, "metrics.jsonl")) for folder in (one, two)))]
+    table = Table(("step", ">4"), ("reward 1 proc", ">13.6f"), ("reward 2 ranks", ">14.6f"), ("|loss diff|", ">11.2e"),
+                  ("|grad_norm diff|", ">16.2e"))
+    table.print_header()
     for r in rows:
-        print(f"{r['step']:>4} {r['reward_mean_1']:>13.6f} {r['reward_mean_2']:>14.6f} {r['loss_diff']:>11.2e} "
-              f"{r['grad_norm_diff']:>16.2e}")
+        table.print_row(r["step"], r["reward_mean_1"], r["reward_mean_2"], r["loss_diff"], r["grad_norm_diff"])
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"runs": [one, two], "steps": rows}, f, indent=1)
+        write_json(args.json, {"runs": [one, two], "steps": rows})
     if args.plot:
         fig, (left, right) = new_figure(1, 2, figsize=(10, 3.6))
         steps = [r["step"] for r in rows]

@@ -37,9 +37,7 @@ Commands (results: benchmarks/results/sampling_seeds_cpu*.json):
   python benchmarks/sampling_seeds.py --tiny   # 4 prompts x 4 x 8 tokens, float32, 1 repeat: the test
 """
 
-import argparse
 import gc
-import json
 import os
 import statistics
 import sys
@@ -50,13 +48,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import numpy as np  # noqa: E402
 
+from benchmarks.common import Table, add_output_flags, check_head_size, in_turn, machine, parser, write_json  # noqa: E402
 from nanorlhf.engine import RolloutEngine, completion_seeds  # noqa: E402  (sets vLLM's in-process environment first)
 
 VARIANTS = ("seeded", "unseeded", "unseeded_n1")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p = parser(__doc__)
     p.add_argument("--prompts", type=int, default=32, help="prompts per call")
     p.add_argument("--group_size", type=int, default=8, help="completions per prompt")
     p.add_argument("--prompt_tokens", type=int, default=32, help="prompt length")
@@ -69,15 +68,12 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=int, default=32768, help="model vocabulary (0: the tiny tokenizer's)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per variant and dtype (alternating)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tiny", action="store_true", help="4 prompts x 4 x 8 tokens, the tokenizer's vocab, float32, "
-                   "1 repeat: the test")
-    p.add_argument("--json", help="write the results here")
+    add_output_flags(p, tiny="4 prompts x 4 x 8 tokens, the tokenizer's vocab, float32, 1 repeat: the test")
     args = p.parse_args(argv)
     if args.tiny:
         args.prompts, args.group_size, args.prompt_tokens, args.max_new_tokens = 4, 4, 8, 8
         args.hidden, args.layers, args.vocab, args.dtypes, args.repeats = 128, 2, 0, "float32", 1
-    if args.hidden % 64:
-        p.error("--hidden must be a multiple of 64 (head size 64: vLLM's CPU attention needs >= 32)")
+    check_head_size(p, args.hidden)
     return args
 
 
@@ -170,7 +166,7 @@ def main(args):
             timed_call(engine.llm, variant, prompts, args)
         seconds, cpu_seconds, tokens, outputs = ({v: [] for v in VARIANTS} for _ in range(4))
         for repeat in range(args.repeats):
-            order = VARIANTS[repeat % len(VARIANTS):] + VARIANTS[: repeat % len(VARIANTS)]
+            order = in_turn(VARIANTS, repeat)
             for variant in order:
                 wall, cpu, n_tokens, completions = timed_call(engine.llm, variant, prompts, args)
                 seconds[variant].append(wall)
@@ -199,18 +195,18 @@ def main(args):
         gc.collect()
 
     print()
-    header = (f"{'dtype':<9} {'variant':<12} {'wall s':>8} {'CPU s':>8} {'tokens/s':>9} {'tokens/CPU s':>12} "
-              f"{'seeded/this wall':>16} {'seeded/this CPU':>15} {'same on rerun':>13}")
-    print(header)
-    print("-" * len(header))
+    table = Table(("dtype", "<9"), ("variant", "<12"), ("wall s", ">8.2f"), ("CPU s", ">8.2f"), ("tokens/s", ">9.0f"),
+                  ("tokens/CPU s", ">12.0f"), ("seeded/this wall", ">16.3f"), ("seeded/this CPU", ">15.3f"),
+                  ("same on rerun", ">13"))
+    table.print_header()
     for row in rows:
         for v in VARIANTS:
-            wall_ratio = row["seeded_tokens_per_second"] / row[f"{v}_tokens_per_second"]
-            cpu_ratio = row["seeded_tokens_per_cpu_second"] / row[f"{v}_tokens_per_cpu_second"]
             same = row[f"{v}_repeats_identical"]
-            print(f"{row['dtype']:<9} {v:<12} {row[f'{v}_seconds']:>8.2f} {row[f'{v}_cpu_seconds']:>8.2f} "
-                  f"{row[f'{v}_tokens_per_second']:>9.0f} {row[f'{v}_tokens_per_cpu_second']:>12.0f} "
-                  f"{wall_ratio:>16.3f} {cpu_ratio:>15.3f} {'-' if same is None else 'yes' if same else 'no':>13}")
+            table.print_row(row["dtype"], v, row[f"{v}_seconds"], row[f"{v}_cpu_seconds"],
+                            row[f"{v}_tokens_per_second"], row[f"{v}_tokens_per_cpu_second"],
+                            row["seeded_tokens_per_second"] / row[f"{v}_tokens_per_second"],
+                            row["seeded_tokens_per_cpu_second"] / row[f"{v}_tokens_per_cpu_second"],
+                            None if same is None else "yes" if same else "no")
     print("seeded/this: throughput of the seeded requests over this variant's (below 1: the seeds cost time)")
     n_requests = args.prompts * args.group_size
     loop_seconds = seed_draw_seconds(n_requests)
@@ -225,10 +221,7 @@ def main(args):
     if args.json:
         import torch
 
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"device": "cpu", "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-                       "load_average_at_end": os.getloadavg(), "settings": vars(args), "rows": rows}, f, indent=1)
+        write_json(args.json, {**machine("cpu", torch.get_num_threads()), "settings": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -25,18 +25,16 @@ Commands (results: benchmarks/results/step_breakdown_cpu.json, docs/img/step_bre
   python benchmarks/step_breakdown.py --tiny    # GRPO only, 2 steps of 8 prompts: what tests/test_bench_loop.py runs
 """
 
-import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run as a plain script
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a plain script
 
+from benchmarks.common import (  # noqa: E402
+    ROOT, Table, add_output_flags, child_env, machine, make_workdir, parser, settings, write_json)
 from nanorlhf.tracking import new_figure, read_metrics, save_figure  # noqa: E402
 
 SCRIPTS = {  # algorithm: script, in the order of the table
@@ -54,19 +52,17 @@ COLORS = {"generate": "tab:blue", "score": "tab:olive", "reference": "tab:purple
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
-                                epilog="Other --field value pairs are passed to every script.")
+    p = parser(__doc__, epilog="Other --field value pairs are passed to every script.")
     p.add_argument("--scripts", default=",".join(SCRIPTS), help="algorithms to run, comma-separated "
                    "(those whose script does not exist yet are skipped)")
     p.add_argument("--steps", type=int, default=5, help="steps per demo run, warm-up included")
     p.add_argument("--warmup", type=int, default=1, help="first steps of each run not counted")
     p.add_argument("--runs", nargs="+", metavar="DIR", help="read these run folders instead of running the demos")
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the runs; 0 = library default")
-    p.add_argument("--tiny", action="store_true", help="GRPO only, 2 steps of 8 prompts: the test")
-    p.add_argument("--workdir", help="keep the run folders here (default: a temporary folder); a complete run "
-                   "already there is reused, so an interrupted benchmark continues where it stopped")
-    p.add_argument("--json", help="write the results here")
-    p.add_argument("--plot", help="write a PNG stacked bar chart here")
+    add_output_flags(p, tiny="GRPO only, 2 steps of 8 prompts: the test",
+                     workdir="keep the run folders here (default: a temporary folder); a complete run already "
+                     "there is reused, so an interrupted benchmark continues where it stopped",
+                     plot="write a PNG stacked bar chart here")
     args, extra = p.parse_known_args(argv)
     if args.tiny:
         args.scripts, args.steps = "grpo", 2
@@ -92,11 +88,9 @@ def episodes_per_step(path, extra):
 def run_demo(name, path, out_dir, args, extra):
     flags = ["--demo", "--total_episodes", str(args.steps * episodes_per_step(path, extra)), "--wandb", "false",
              "--save_every", "1000000", "--output_dir", out_dir, "--overwrite", "true", *extra]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, path, *flags], cwd=ROOT, capture_output=True, text=True, env=env)
+    result = subprocess.run([sys.executable, path, *flags], cwd=ROOT, capture_output=True, text=True,
+                            env=child_env(args.threads))
     wall = time.perf_counter() - start
     if result.returncode != 0:
         print(f"  {name}: FAILED (exit {result.returncode}):\n{result.stderr[-3000:]}", flush=True)
@@ -125,13 +119,12 @@ def breakdown(metrics_path, warmup):
 
 def print_table(results):
     columns = [c for c in (*PHASES, "other", "eval") if c == "other" or any(r["seconds"][c] for r in results.values())]
-    header = f"{'algorithm':<10} {'steps':>5} {'s/step':>7} " + " ".join(f"{c:>15}" for c in columns)
     print("mean seconds per step (share of step + eval); phases no algorithm logs are left out")
-    print(header)
-    print("-" * len(header))
+    table = Table(("algorithm", "<10"), ("steps", ">5"), ("s/step", ">7.2f"), *((c, ">15") for c in columns))
+    table.print_header()
     for name, r in results.items():
-        cells = " ".join(f"{r['seconds'][c]:>7.3f} ({r['share'][c]:>4.0%})" for c in columns)
-        print(f"{name:<10} {r['timed_steps']:>5} {r['step_seconds']:>7.2f} {cells}")
+        table.print_row(name, r["timed_steps"], r["step_seconds"],
+                        *(f"{r['seconds'][c]:>7.3f} ({r['share'][c]:>4.0%})" for c in columns))
 
 
 def plot(results, path, title):
@@ -165,7 +158,7 @@ def main(args, extra):
         folders = {os.path.basename(os.path.normpath(d)): d for d in args.runs}
         print(f"reading {len(folders)} run folder(s); first {args.warmup} step(s) of each not counted")
     else:
-        workdir = args.workdir or tempfile.mkdtemp(prefix="step_breakdown-")
+        workdir = make_workdir(args, "step_breakdown-")
         folders = {}
         print(f"running each demo for {args.steps} steps on {device} ({args.warmup} warm-up not counted); "
               f"extra flags: {' '.join(extra) or 'none'}", flush=True)
@@ -193,13 +186,10 @@ def main(args, extra):
     if results:
         print_table(results)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        settings = {k: v for k, v in vars(args).items() if k not in ("json", "plot", "workdir", "runs")}
-        settings["runs"] = list(folders) if args.runs else None  # folder names, not this machine's paths
-        with open(args.json, "w") as f:
-            json.dump({"device": device, "cpu_count": os.cpu_count(), "load_average_at_end": os.getloadavg(),
-                       "settings": settings, "extra_flags": extra, "results": results, "skipped": skipped,
-                       "failed": failed}, f, indent=1)
+        flags = settings(args, ("json", "plot", "workdir", "runs"))
+        flags["runs"] = list(folders) if args.runs else None  # folder names, not this machine's paths
+        write_json(args.json, {**machine(device), "settings": flags, "extra_flags": extra, "results": results,
+                               "skipped": skipped, "failed": failed})
     if args.plot and results:
         plot(results, args.plot, f"step time by phase, each algorithm's --demo on {device} "
              f"(mean of {', '.join(str(r['timed_steps']) for r in results.values())} timed steps)")

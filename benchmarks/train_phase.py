@@ -29,8 +29,6 @@ pair per layer (x3 with gradients); checkpointing's recomputations and padding a
   python benchmarks/train_phase.py --shape demo --tiny      # seconds: what tests/test_benchmarks.py runs
 """
 
-import argparse
-import json
 import os
 import random
 import statistics
@@ -40,8 +38,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a plain script
 
+from benchmarks.common import Table, add_output_flags, in_turn, parser, write_json  # noqa: E402
 from nanorlhf import logprobs  # noqa: E402
 from nanorlhf.logprobs import completion_logprobs, padding_fraction, token_budget_batches  # noqa: E402
 from nanorlhf.lora import fuse_lora_layers  # noqa: E402
@@ -57,7 +56,7 @@ class CheckpointedHead(torch.nn.Linear):
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--shape", choices=SHAPES, default="small", help="demo: hidden 128, 2 layers, vocab 512; "
                    "small: hidden 512, 4 layers, vocab 32768 (head size 64 in both)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -69,8 +68,7 @@ def parse_args():
     p.add_argument("--micro_batch_tokens", type=int, default=8192, help="the training budget (the scripts' default)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (after one warm-up round)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
-    p.add_argument("--tiny", action="store_true", help="a few seconds: 2 prompts, 16 tokens, one round")
-    p.add_argument("--json", help="write the results here")
+    add_output_flags(p, tiny="a few seconds: 2 prompts, 16 tokens, one round")
     return p.parse_args()
 
 
@@ -160,7 +158,7 @@ def main():
     variants = [v for v in VARIANTS if v in args.variants.split(",")]
     seconds, cpu_seconds, padding = {v: [] for v in variants}, {v: [] for v in variants}, {}
     for round_ in range(args.rounds + 1):
-        order = variants[round_ % len(variants):] + variants[: round_ % len(variants)]
+        order = in_turn(variants, round_)
         for variant in order:
             optimizer = optimizers["fused" if VARIANTS.index(variant) >= 4 else "foreach"]
             start, cpu_start = time.perf_counter(), time.process_time()
@@ -172,8 +170,11 @@ def main():
                "matmul_flops_per_second": peak, "variants": {}}
     print(f"{args.shape} {args.dtype} {args.lengths} {args.max_new_tokens} tokens, {tokens} tokens per step, "
           f"matmul {peak / 1e9:.1f} GFLOP/s, {torch.get_num_threads()} threads")
-    print(f"{'variant':<11} {'s/step':>7} {'tokens/s':>9} {'MFU':>6} {'padding':>8} {'vs padded':>9} "
-          f"{'CPU s':>7} {'vs padded (CPU s)':>18}" + ("" if variants[0] == "padded" else f"  (vs {variants[0]})"))
+    if variants[0] != "padded":
+        print(f"the 'vs padded' columns: against {variants[0]}, the first variant measured")
+    table = Table(("variant", "<11"), ("s/step", ">7.2f"), ("tokens/s", ">9.0f"), ("MFU", ">6.1%"),
+                  ("padding", ">8.2f"), ("vs padded", ">9"), ("CPU s", ">7.2f"), ("vs padded (CPU s)", ">18"))
+    table.print_header()
     base, cpu_base = statistics.median(seconds[variants[0]]), statistics.median(cpu_seconds[variants[0]])
     for variant in variants:
         s, cpu = statistics.median(seconds[variant]), statistics.median(cpu_seconds[variant])
@@ -181,11 +182,10 @@ def main():
                "tokens_per_second": tokens / s, "mfu": flops / s / peak, "padding_fraction": padding[variant],
                "speedup_vs_padded": base / s, "cpu_speedup_vs_padded": cpu_base / cpu}
         results["variants"][variant] = row
-        print(f"{variant:<11} {s:>7.2f} {tokens / s:>9.0f} {row['mfu']:>6.1%} {padding[variant]:>8.2f} "
-              f"{base / s:>8.2f}x {cpu:>7.2f} {cpu_base / cpu:>17.2f}x")
+        table.print_row(variant, s, tokens / s, row["mfu"], padding[variant], f"{base / s:.2f}x", cpu,
+                        f"{cpu_base / cpu:.2f}x")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -37,17 +37,17 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run as a plain script
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a plain script
 
-from nanorlhf.tracking import new_figure, save_figure  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    ROOT, Table, add_output_flags, check_head_size, child_env, machine, make_workdir, parser, settings, write_json)
+from nanorlhf.tracking import new_figure, read_metrics, save_figure  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = parser(__doc__)
     p.add_argument("--hidden", type=int, default=512, help="hidden size of the model (head size 64)")
     p.add_argument("--layers", type=int, default=4, help="decoder layers")
     p.add_argument("--max_new_tokens", type=int, default=128, help="longest completion (both sides)")
@@ -69,10 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--kl_coef", type=float, default=0.01, help="KL coefficient (trl: beta)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for both sides; 0 = library default")
-    p.add_argument("--tiny", action="store_true", help="hidden 128, 2 layers, 16 tokens, 2 steps: the test")
-    p.add_argument("--workdir", help="keep the model, data and run folders here (default: a temporary folder)")
-    p.add_argument("--json", help="write the results here")
-    p.add_argument("--plot", help="write a PNG bar chart here")
+    add_output_flags(p, tiny="hidden 128, 2 layers, 16 tokens, 2 steps: the test",
+                     workdir="keep the model, data and run folders here (default: a temporary folder)",
+                     plot="write a PNG bar chart here")
     p.add_argument("--trl_worker", help=argparse.SUPPRESS)  # internal: run the trl side from this spec file
     args = p.parse_args(argv)
     if args.tiny:
@@ -80,8 +79,7 @@ def parse_args(argv=None):
         args.prompts_per_step, args.group_size = 2, 4
     if args.trl_batch_size and (args.prompts_per_step * args.group_size) % args.trl_batch_size:
         p.error("--trl_batch_size must divide prompts_per_step x group_size (one optimizer step per generation)")
-    if args.hidden % 64:
-        p.error("--hidden must be a multiple of 64 (head size 64: vLLM's CPU attention needs >= 32)")
+    check_head_size(p, args.hidden)
     return args
 
 
@@ -121,18 +119,12 @@ def micro_batch_tokens(args):
     return args.micro_batch_tokens or episodes_per_step(args) * (64 + args.max_new_tokens)
 
 
-def child_env(args):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
-    return env
-
-
 def run_child(cmd, args, name, log_path):
     """Run one side to completion, its output in log_path (follow it with tail -f); returns the wall seconds."""
     start = time.perf_counter()
     with open(log_path, "w") as log:
-        returncode = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=child_env(args)).returncode
+        returncode = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                    env=child_env(args.threads)).returncode
     if returncode != 0:
         with open(log_path) as log:
             sys.exit(f"{name} side failed (exit {returncode}), last lines of {log_path}:\n{log.read()[-5000:]}")
@@ -157,8 +149,7 @@ def run_nanorlhf(model, dataset, out_dir, args):
     for key, value in flags.items():
         cmd += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
     wall = run_child(cmd, args, "nanoRLHF", out_dir + ".log")
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    rows = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
     steps = [dict(time_step=r["time_step"], time_generate=r["time_generate"], episodes=episodes_per_step(args),
                   generated_tokens=r["response_length_mean"] * episodes_per_step(args),
                   mean_length=r["response_length_mean"], reward_mean=r["reward_mean"]) for r in rows]
@@ -303,14 +294,12 @@ def summarize(runs, warmup):
 
 
 def print_table(results, ratios):
-    header = (f"{'side':<10} {'s/step':>8} {'s/episode':>10} {'gen tok/s':>10} {'gen-phase tok/s':>16} "
-              f"{'gen share':>10} {'mean len':>9}")
-    print(header)
-    print("-" * len(header))
+    table = Table(("side", "<10"), ("s/step", ">8.2f"), ("s/episode", ">10.4f"), ("gen tok/s", ">10.1f"),
+                  ("gen-phase tok/s", ">16.1f"), ("gen share", ">10.0%"), ("mean len", ">9.1f"))
+    table.print_header()
     for side, r in results.items():
-        print(f"{side:<10} {r['seconds_per_step']:>8.2f} {r['seconds_per_episode']:>10.4f} "
-              f"{r['generated_tokens_per_second']:>10.1f} {r['generate_phase_tokens_per_second']:>16.1f} "
-              f"{r['generate_fraction']:>10.0%} {r['mean_completion_length']:>9.1f}")
+        table.print_row(side, r["seconds_per_step"], r["seconds_per_episode"], r["generated_tokens_per_second"],
+                        r["generate_phase_tokens_per_second"], r["generate_fraction"], r["mean_completion_length"])
     print(f"nanoRLHF/trl seconds per episode: {ratios['seconds_per_episode']:.2f} (goal: at most 0.5)")
     print(f"nanoRLHF/trl seconds per generated token (end to end): {ratios['seconds_per_generated_token']:.2f}")
     print(f"nanoRLHF/trl generation-phase tokens/s: {ratios['generate_phase_speedup']:.2f}x")
@@ -342,8 +331,7 @@ def package_version(name):
 
 
 def main(args):
-    workdir = args.workdir or tempfile.mkdtemp(prefix="vs_trl-")
-    os.makedirs(workdir, exist_ok=True)
+    workdir = make_workdir(args, "vs_trl-")
     import torch
 
     versions = {name: package_version(name) for name in ("torch", "transformers", "trl", "peft")}
@@ -382,14 +370,10 @@ def main(args):
     print()
     print_table(results, ratios)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        settings = {k: v for k, v in vars(args).items() if k not in ("json", "plot", "trl_worker", "workdir")}
-        with open(args.json, "w") as f:
-            json.dump({"device": device, "cpu_count": os.cpu_count(), "load_average_at_end": os.getloadavg(),
-                       "versions": versions,
-                       "settings": settings, "trl_config": trl_config(args, "<tmp>"), "results": results,
-                       "ratios": ratios, "engine_builds": [r["engine_builds"] for r in runs["nanoRLHF"]]},
-                      f, indent=1)
+        write_json(args.json, {**machine(device), "versions": versions,
+                               "settings": settings(args, ("json", "plot", "trl_worker", "workdir")),
+                               "trl_config": trl_config(args, "<tmp>"), "results": results, "ratios": ratios,
+                               "engine_builds": [r["engine_builds"] for r in runs["nanoRLHF"]]})
     if args.plot:
         plot(results, ratios, args.plot, f"GRPO step on {device}: hidden {args.hidden}, {args.layers} layers, "
              f"{episodes_per_step(args)} episodes x {args.max_new_tokens} tokens")
