@@ -86,7 +86,9 @@ def test_gpu_check_tiny_whole_loop_on_the_cpu_engine(tmp_path):
     checks = {c["check"]: c["status"] for c in json.loads(out.read_text())["checks"]}
     for name in ("engine built once", "logprob canary", "importance weights", "update fidelity", "losses finite"):
         assert checks[name] == "PASS", (name, result.stdout[-2000:])
-    assert checks["sleep/wake + push order"] == "SKIP"  # vLLM's sleep is a no-op on a CPU
+    # vLLM's sleep frees nothing on a CPU, but the order of sleep, wake and push (the lora path's push included) is
+    # still checked there (benchmarks/gpu_check.py)
+    assert checks["sleep/wake + push order"] == "PASS"
 
 
 def test_update_fidelity_tiny(tmp_path):
