@@ -58,6 +58,15 @@ def completion_seeds(seed, count):
     return [int(s) for s in np.random.default_rng(seed).integers(0, 2**31 - 1, size=count)]
 
 
+def weight_sync_mode(weight_sync, dtype):
+    """How updates reach the engine: merged or lora. auto: in float32 both syncs are exact and merged is the faster;
+    in bf16/fp16 a merged push rounds away small updates that the trainer still sees (docs/performance.md, "Update
+    fidelity in bfloat16")."""
+    if weight_sync != "auto":
+        return weight_sync
+    return "merged" if dtype == "float32" else "lora"
+
+
 def engine_lora_rank(lora_r):
     """The smallest max_lora_rank vLLM accepts that holds a rank-`lora_r` adapter (--weight_sync lora)."""
     for rank in LORA_RANKS:

@@ -21,7 +21,7 @@ from nanorlhf import console, distributed
 from nanorlhf.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from nanorlhf.config import as_dict, check_config
 from nanorlhf.data import load_prompts
-from nanorlhf.engine import RolloutEngine, engine_lora_rank, engine_max_num_seqs
+from nanorlhf.engine import RolloutEngine, engine_lora_rank, engine_max_num_seqs, weight_sync_mode
 from nanorlhf.errors import UserError
 from nanorlhf.export import check_hub_credentials, export
 from nanorlhf.gpu import check_dtype_supported, check_engine_memory, is_out_of_memory
@@ -36,14 +36,6 @@ from nanorlhf.tracking import Tracker
 from nanorlhf.update import Update, cosine_schedule
 
 
-def weight_sync_mode(cfg):
-    """merged or lora. auto: in float32 both syncs are exact and merged is the faster; in bf16/fp16 a merged push
-    rounds away small updates that the trainer still sees (docs/performance.md, "Update fidelity in bfloat16")."""
-    if cfg.weight_sync != "auto":
-        return cfg.weight_sync
-    return "merged" if cfg.dtype == "float32" else "lora"
-
-
 class Run:
     def __init__(self, cfg, algo):
         self.cfg, self.algo, self.times = cfg, algo, {}
@@ -56,7 +48,7 @@ class Run:
                     " (library output goes to run.log in the run folder; --verbose true shows it)"))
         if not cfg.verbose:
             console.start()  # see nanorlhf/console.py
-        self.weight_sync = weight_sync_mode(cfg)
+        self.weight_sync = weight_sync_mode(cfg.weight_sync, cfg.dtype)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
