@@ -39,12 +39,13 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run as a plain script
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a plain script
 
+from benchmarks.common import (  # noqa: E402
+    ROOT, Table, add_output_flags, check_head_size, child_env, in_turn, machine, make_workdir, parser, settings,
+    write_json)
 from nanorlhf.config import load_module  # noqa: E402
 from nanorlhf.tracking import new_figure, save_figure  # noqa: E402
 
@@ -52,8 +53,7 @@ STRATEGIES = ("persistent", "rebuild")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
-                                epilog="Other --field value pairs are passed to GRPO/grpo.py in both runs.")
+    p = parser(__doc__, epilog="Other --field value pairs are passed to GRPO/grpo.py in both runs.")
     p.add_argument("--hidden", type=int, default=512, help="hidden size of the random model (head size 64)")
     p.add_argument("--layers", type=int, default=4, help="decoder layers of the random model")
     p.add_argument("--steps", type=int, default=6, help="GRPO steps per run, warm-up included")
@@ -63,11 +63,10 @@ def parse_args(argv=None):
     p.add_argument("--group_size", type=int, default=8, help="completions per prompt (GRPO demo: 8)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the runs; 0 = library default")
-    p.add_argument("--tiny", action="store_true", help="the demo model, 4 prompts x 4, 2 steps, 1 repeat: the test")
-    p.add_argument("--workdir", help="keep the model and run folders here (default: a temporary folder); complete "
-                   "runs already there are reused, so an interrupted benchmark continues where it stopped")
-    p.add_argument("--json", help="write the results here")
-    p.add_argument("--plot", help="write a PNG bar chart here")
+    add_output_flags(p, tiny="the demo model, 4 prompts x 4, 2 steps, 1 repeat: the test",
+                     workdir="keep the model and run folders here (default: a temporary folder); complete runs "
+                     "already there are reused, so an interrupted benchmark continues where it stopped",
+                     plot="write a PNG bar chart here")
     p.add_argument("--strategy", choices=STRATEGIES, help="FIRST argument only: run ONE GRPO run with this sync; "
                    "every argument after it goes to GRPO/grpo.py")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -83,8 +82,7 @@ def parse_args(argv=None):
         args.prompts_per_step, args.group_size = 4, 4
     if args.steps <= args.warmup:
         p.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup}): no step would be timed")
-    if args.hidden % 64:
-        p.error("--hidden must be a multiple of 64 (head size 64: vLLM's CPU attention needs >= 32)")
+    check_head_size(p, args.hidden)
     return args, grpo_flags
 
 
@@ -168,12 +166,9 @@ def run_strategy(strategy, model, out_dir, args, grpo_flags):
              "--total_episodes", str(args.steps * args.prompts_per_step * args.group_size),
              "--seed", str(args.seed), "--save_every", "1000000", "--wandb", "false",
              "--output_dir", out_dir, "--overwrite", "true", *grpo_flags]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
     start = time.perf_counter()
     result = subprocess.run([sys.executable, os.path.abspath(__file__), "--strategy", strategy, *flags], cwd=ROOT,
-                            capture_output=True, text=True, env=env)
+                            capture_output=True, text=True, env=child_env(args.threads))
     if result.returncode != 0:
         sys.exit(f"{strategy} run failed (exit {result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     with open(os.path.join(out_dir, "engine_rebuild_worker.json")) as f:
@@ -217,15 +212,14 @@ def summarize(runs, warmup):
 
 
 def print_table(results, ratios):
-    header = (f"{'strategy':<11} {'s/step':>8} {'s/sync':>8} {'sync share':>11} {'gen s':>7} {'train s':>8} "
-              f"{'canary':>8} {'max RSS GiB':>12}  engine_builds (last step of each run)")
-    print(header)
-    print("-" * len(header))
+    table = Table(("strategy", "<11"), ("s/step", ">8.2f"), ("s/sync", ">8.3f"), ("sync share", ">11.1%"),
+                  ("gen s", ">7.2f"), ("train s", ">8.2f"), ("canary", ">8.4f"), ("max RSS GiB", ">12.2f"),
+                  (" engine_builds (last step of each run)", ""))  # the leading space: two before this column
+    table.print_header()
     for name, r in results.items():
-        builds = ", ".join(str(run[-1]) for run in r["engine_builds"])
-        print(f"{name:<11} {r['step_seconds']:>8.2f} {r['sync_seconds']:>8.3f} {r['sync_share']:>11.1%} "
-              f"{r['generate_seconds']:>7.2f} {r['train_seconds']:>8.2f} {r['logprob_diff']:>8.4f} "
-              f"{r['max_rss_gib']:>12.2f}  {builds}")
+        table.print_row(name, r["step_seconds"], r["sync_seconds"], r["sync_share"], r["generate_seconds"],
+                        r["train_seconds"], r["logprob_diff"], r["max_rss_gib"],
+                        " " + ", ".join(str(run[-1]) for run in r["engine_builds"]))
     print(f"rebuild/persistent step time: {ratios['step_seconds']:.2f}x")
     print(f"rebuild/persistent sync time: {ratios['sync_seconds']:.0f}x")
     share = results["persistent"]["sync_share"]
@@ -250,8 +244,7 @@ def plot(results, ratios, path, title):
 def main(args, grpo_flags):
     import torch
 
-    workdir = args.workdir or tempfile.mkdtemp(prefix="engine_rebuild-")
-    os.makedirs(workdir, exist_ok=True)
+    workdir = make_workdir(args, "engine_rebuild-")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = build_model(workdir, args)
     model_desc = "the demo model (hidden 128, 2 layers)" if args.tiny else \
@@ -262,7 +255,7 @@ def main(args, grpo_flags):
           f"{args.repeats} run(s) per strategy; extra GRPO flags: {' '.join(grpo_flags) or 'none'}", flush=True)
     runs = {name: [] for name in STRATEGIES}
     for repeat in range(args.repeats):
-        for name in STRATEGIES if repeat % 2 == 0 else STRATEGIES[::-1]:
+        for name in in_turn(STRATEGIES, repeat):
             out_dir = os.path.join(workdir, f"{name}-{repeat}")
             if args.workdir and os.path.exists(os.path.join(out_dir, "engine_rebuild_worker.json")):
                 run = read_run(out_dir)  # a complete run of an interrupted benchmark
@@ -279,12 +272,9 @@ def main(args, grpo_flags):
     print()
     print_table(results, ratios)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        settings = {k: v for k, v in vars(args).items() if k not in ("json", "plot", "workdir", "strategy")}
-        with open(args.json, "w") as f:
-            json.dump({"device": device, "cpu_count": os.cpu_count(), "load_average_at_end": os.getloadavg(),
-                       "model": model_desc, "settings": settings, "grpo_flags": grpo_flags, "results": results,
-                       "ratios": ratios, "runs": runs}, f, indent=1)
+        write_json(args.json, {**machine(device), "model": model_desc,
+                               "settings": settings(args, ("json", "plot", "workdir", "strategy")),
+                               "grpo_flags": grpo_flags, "results": results, "ratios": ratios, "runs": runs})
     if args.plot:
         plot(results, ratios, args.plot, f"GRPO demo step on {device}, {model_desc}, {episodes} episodes")
 

@@ -24,21 +24,19 @@ nanorlhf.policy.load_policy, with gradient checkpointing on and off: peak memory
 what tests/test_benchmarks.py runs.
 """
 
-import argparse
 import contextlib
 import gc
 import json
 import os
 import sys
-import tempfile
 import time
 from unittest import mock
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a plain script
 
 import torch  # noqa: E402
 
+from benchmarks.common import ROOT, add_output_flags, make_workdir, parser, settings, write_json  # noqa: E402
 from nanorlhf.config import load_module  # noqa: E402
 
 CANARY = 0.02  # bf16 engine vs bf16 trainer: 0.001-0.002 at a 32k-vocabulary shape (tests/test_user_config_e2e.py)
@@ -53,7 +51,7 @@ QWEN25_1P5B = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=1
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = parser(__doc__)
     p.add_argument("--trainer_only", action="store_true", help="training phase only: torch, transformers, peft")
     p.add_argument("--model", default="", help="a local model folder (default: a random model of --shape)")
     p.add_argument("--shape", default="small", choices=SHAPES, help="random model built for the whole-loop check")
@@ -68,9 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--churn", type=int, default=20, help="whole loop: large known adapters pushed after the run")
     p.add_argument("--self_test", action="store_true", help="plant each defect the checks look for, in turn, and "
                    "report which were caught (on a CPU: tiny sizes, --weight_sync lora)")
-    p.add_argument("--workdir", default="", help="where models and runs go (default: a temporary folder)")
-    p.add_argument("--tiny", action="store_true", help="tiny sizes: runs in about a minute on a CPU")
-    p.add_argument("--json", help="write the results here")
+    add_output_flags(p, tiny="tiny sizes: runs in about a minute on a CPU",
+                     workdir="where models and runs go (default: a temporary folder)")
     args = p.parse_args(argv)
     if args.self_test and not torch.cuda.is_available():
         args.tiny, args.weight_sync = True, "lora"  # the default GPU path's push, at sizes a CPU runs
@@ -153,7 +150,8 @@ PUSHES = ("reload_weights", "_load_lora_tensors")  # the RPCs of push_weights (m
 
 def push_order_faults(sequence):
     """The pushes (either RPC) that do not come after a wake of the weights alone (the last sleep/wake before them) or
-    whose next wake, generate or sleep is not the KV cache's wake or a sleep, as "call i: before -> push -> after"; ["no push"] if none."""
+    whose next wake, generate or sleep is not the KV cache's wake or a sleep, as "call i: before -> push -> after";
+    ["no push"] if none."""
     pushes = [i for i, (m, d) in enumerate(sequence) if m == "collective_rpc" and d in PUSHES]
     faults = [] if pushes else ["no push"]
     for i in pushes:
@@ -229,7 +227,8 @@ def direct_push_check(run, churn, report):
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(saved[n])
-    report.check("engine serves the newest push", max(gaps) < CANARY and min(shifts, default=1) > 10 * CANARY and ids_ok,
+    served_newest = max(gaps) < CANARY and min(shifts, default=1) > 10 * CANARY and ids_ok
+    report.check("engine serves the newest push", served_newest,
                  f"{churn} large known adapters pushed through Run.sync: engine vs trainer log-probs "
                  f"{', '.join(f'{g:.4f}' for g in gaps)} (< {CANARY}); two pushes apart by "
                  f"{min(shifts, default=float('nan')):.2f} (a stale push would show that much)"
@@ -255,7 +254,8 @@ def whole_loop(args, workdir, report, plant=None):
     with open(data, "w") as f:
         f.writelines(json.dumps({"prompt": f"Tell a long story about the number {i}."}) + "\n" for i in range(512))
     with open(os.path.join(workdir, "reward.py"), "w") as f:  # any text, scored by its share of the letter e
-        f.write("def score(prompts, completions, **_):\n    return [c.count('e') / max(len(c), 1) for c in completions]\n")
+        f.write("def score(prompts, completions, **_):\n"
+                "    return [c.count('e') / max(len(c), 1) for c in completions]\n")
     episodes = args.steps * args.prompts_per_step * args.group_size
     cfg = grpo.Config(model=model, reward_model="none", reward_fn=os.path.join(workdir, "reward.py") + ":score",
                       dataset=data, prompt_field="prompt", total_episodes=episodes,
@@ -410,11 +410,56 @@ def random_model(path, tiny):
     return path
 
 
-def trainer_only(args, workdir, report):
-    from nanorlhf.logprobs import completion_logprobs, token_budget_batches
+def time_phases(row, path, checkpointing, prompts, completions, advantages, batches):
+    """One step's reference, old log-probs and train phases of a policy loaded with or without gradient checkpointing,
+    twice (the second round is timed: the first pays for kernel selection and Adam's state): seconds and peak memory
+    of each into `row`. The policy and its optimizer go when this returns."""
+    from nanorlhf.logprobs import completion_logprobs
     from nanorlhf.policy import device, evaluating, load_policy
 
     grpo = load_module(os.path.join(ROOT, "GRPO", "grpo.py"))
+    policy = load_policy(path, 64, 16, 0.05, "all-linear", "bfloat16", checkpointing)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-5)
+
+    def timed(phase, fn):
+        reset_peak()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        row[f"{phase}_seconds"] = time.perf_counter() - start
+        row[f"{phase}_peak_gib"] = peak_gib()
+
+    def no_grad_pass(reference):
+        with evaluating(policy):
+            for idx in batches:
+                if reference:
+                    with policy.disable_adapter():
+                        completion_logprobs(policy, [prompts[i] for i in idx], [completions[i] for i in idx], 0)
+                else:
+                    completion_logprobs(policy, [prompts[i] for i in idx], [completions[i] for i in idx], 0,
+                                        0.9, sampling=(0.9, 0.95))
+
+    def train():
+        for idx in batches:
+            out = completion_logprobs(policy, [prompts[i] for i in idx], [completions[i] for i in idx], 0, 0.9)
+            old = out["logprobs"].detach()
+            loss, _ = grpo.compute_loss(out["logprobs"], old, None, advantages[idx].to(device()), out["mask"],
+                                        0.2, 0.0, "sequence", len(prompts))
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        timed("reference", lambda: no_grad_pass(True))
+        timed("old_logprobs", lambda: no_grad_pass(False))
+        timed("train", train)
+
+
+def trainer_only(args, workdir, report):
+    from nanorlhf.logprobs import token_budget_batches
+
     path = random_model(os.path.join(workdir, "random-qwen2.5-1.5b" if not args.tiny else "random-tiny"), args.tiny)
     n = args.prompts_per_step * args.group_size
     generator = torch.Generator().manual_seed(0)
@@ -428,50 +473,13 @@ def trainer_only(args, workdir, report):
     for checkpointing in (True, False):
         row = {"gradient_checkpointing": checkpointing, "sequences": n, "tokens": tokens,
                "micro_batches": len(batches)}
-        policy = load_policy(path, 64, 16, 0.05, "all-linear", "bfloat16", checkpointing)
-        optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-5)
-
-        def timed(phase, fn):
-            reset_peak()
-            start = time.perf_counter()
-            fn()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            row[f"{phase}_seconds"] = time.perf_counter() - start
-            row[f"{phase}_peak_gib"] = peak_gib()
-
-        def no_grad_pass(reference):
-            with evaluating(policy):
-                for idx in batches:
-                    if reference:
-                        with policy.disable_adapter():
-                            completion_logprobs(policy, [prompts[i] for i in idx], [completions[i] for i in idx], 0)
-                    else:
-                        completion_logprobs(policy, [prompts[i] for i in idx], [completions[i] for i in idx], 0,
-                                            0.9, sampling=(0.9, 0.95))
-
-        def train():
-            for idx in batches:
-                out = completion_logprobs(policy, [prompts[i] for i in idx], [completions[i] for i in idx], 0, 0.9)
-                old = out["logprobs"].detach()
-                loss, _ = grpo.compute_loss(out["logprobs"], old, None, advantages[idx].to(device()), out["mask"],
-                                            0.2, 0.0, "sequence", n)
-                loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.requires_grad], 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
         try:
-            for _ in range(2):  # the second round is timed: the first pays for kernel selection and Adam's state
-                timed("reference", lambda: no_grad_pass(True))
-                timed("old_logprobs", lambda: no_grad_pass(False))
-                timed("train", train)
+            time_phases(row, path, checkpointing, prompts, completions, advantages, batches)
             row["train_tokens_per_second"] = tokens / row["train_seconds"]
         except torch.OutOfMemoryError:
             row["oom"] = True
         results.append(row)
-        del policy, optimizer
-        gc.collect()
+        gc.collect()  # the policy is gone: the next one takes its memory
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         label = f"gradient checkpointing {'on' if checkpointing else 'off'}"
@@ -487,7 +495,8 @@ def trainer_only(args, workdir, report):
     on, off = results
     if torch.cuda.is_available() and not on.get("oom"):
         off_text = "OOM" if off.get("oom") else f"{off['train_peak_gib']:.1f} GiB"
-        report.check("checkpointing lowers the training peak", off.get("oom") or on["train_peak_gib"] < off["train_peak_gib"],
+        lower = off.get("oom") or on["train_peak_gib"] < off["train_peak_gib"]
+        report.check("checkpointing lowers the training peak", lower,
                      f"{on['train_peak_gib']:.1f} GiB on vs {off_text} off")
     return {"trainer": results}
 
@@ -630,8 +639,7 @@ def self_test(args, workdir):
 
 def main(argv=None):
     args = parse_args(argv)
-    workdir = args.workdir or tempfile.mkdtemp(prefix="gpu_check-")
-    os.makedirs(workdir, exist_ok=True)
+    workdir = make_workdir(args, "gpu_check-")
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"device: {device_name}; torch {torch.__version__}; workdir {workdir}", flush=True)
     report = Report()
@@ -641,10 +649,8 @@ def main(argv=None):
     else:
         result = (trainer_only if args.trainer_only else whole_loop)(args, workdir, report)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"device": device_name, "torch": torch.__version__, "args": {k: v for k, v in vars(args).items() if k not in ("json", "workdir")}, "checks": report.lines,
-                       **result}, f, indent=1)
+        write_json(args.json, {"device": device_name, "torch": torch.__version__,
+                               "args": settings(args, ("json", "workdir")), "checks": report.lines, **result})
     print("FAIL" if report.failed else "PASS", flush=True)
     return 1 if report.failed else 0
 

@@ -41,13 +41,10 @@ Commands (results: benchmarks/results/update_fidelity_cpu.json, docs/img/update_
   python benchmarks/update_fidelity.py --tiny     # demo model, 2 learning rates: what tests/test_benchmarks.py runs
 """
 
-import argparse
 import gc
-import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: two short batches need little
@@ -55,6 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
+from benchmarks.common import Table, add_output_flags, make_workdir, parser, settings, write_json  # noqa: E402
 from nanorlhf.engine import RolloutEngine, engine_lora_rank  # noqa: E402
 from nanorlhf.logprobs import completion_logprobs  # noqa: E402
 from nanorlhf.policy import load_policy, merged_weights  # noqa: E402
@@ -66,7 +64,7 @@ SYNCS = ("merged", "lora")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p = parser(__doc__)
     p.add_argument("--models", default=",".join(MODELS), help="demo and/or small, comma-separated")
     p.add_argument("--lrs", default="1e-6,1e-5,1e-4,1e-3", help="Adam learning rates, comma-separated")
     p.add_argument("--steps", default="1,10", help="snapshot after these numbers of Adam steps, comma-separated")
@@ -83,10 +81,9 @@ def parse_args(argv=None):
     p.add_argument("--gen_tokens", type=int, default=32, help="longest completion in the generation-speed batch")
     p.add_argument("--repeats", type=int, default=3, help="timed generation batches per mode (median reported)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tiny", action="store_true", help="demo model, 2 learning rates, 4 short sequences: the test")
-    p.add_argument("--workdir", help="keep the small model here (default: a temporary folder); reused if present")
-    p.add_argument("--json", help="write the results here")
-    p.add_argument("--plot", help="write a PNG plot here")
+    add_output_flags(p, tiny="demo model, 2 learning rates, 4 short sequences: the test",
+                     workdir="keep the small model here (default: a temporary folder); reused if present",
+                     plot="write a PNG plot here")
     args = p.parse_args(argv)
     if args.tiny:
         args.models, args.lrs, args.steps = "demo", "1e-4,1e-3", "1,2"
@@ -320,12 +317,11 @@ def decide(results, visible=0.5, tolerance=0.05):
 def print_table(results, decision, dtype):
     for name, r in results.items():
         print(f"\n{name}: {r['model']}; correlation / relative error of Delta log p with the float32 reference")
-        header = f"{'lr':>7} {'steps':>5} {'ref rms':>9}" + "".join(f" {f'{p} ({dtype})':>22}" for p in PATHS)
-        print(header)
-        print("-" * len(header))
+        table = Table(("lr", ">7g"), ("steps", ">5"), ("ref rms", ">9.2e"), *((f"{p} ({dtype})", ">22") for p in PATHS))
+        table.print_header()
         for row in r["rows"]:
-            cells = "".join(f" {row[p]['corr']:>11.4f} / {row[p]['rel_err']:>8.3f}" for p in PATHS)
-            print(f"{row['lr']:>7g} {row['steps']:>5} {row['ref_rms']:>9.2e}{cells}")
+            table.print_row(row["lr"], row["steps"], row["ref_rms"],
+                            *(f"{row[p]['corr']:>11.4f} / {row[p]['rel_err']:>8.3f}" for p in PATHS))
         for m in SYNCS:
             print(f"{m:>6} sync: {r['sync_seconds'][m]:.4f} s/push, {r['pushed_bytes'][m] / 2**20:.2f} MiB/push, "
                   f"generation {r['generate_tokens_per_second'][m]:.0f} tokens/s")
@@ -365,20 +361,18 @@ def plot(results, path, dtype):
 
 def main(args):
     started = time.perf_counter()
-    workdir = args.workdir or tempfile.mkdtemp(prefix="update_fidelity-")
+    workdir = make_workdir(args, "update_fidelity-")
     print(f"LoRA r {args.lora_r}, alpha {args.lora_alpha}, all linear layers; learning rates {args.lrs}; snapshots "
           f"after {args.steps} Adam steps; paths in {args.dtype}", flush=True)
     results = {name: run_model(name, args, workdir) for name in args.models}
     decision = decide(results)
     print_table(results, decision, args.dtype)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        settings = {k: v for k, v in vars(args).items() if k not in ("json", "plot", "workdir")}
-        with open(args.json, "w") as f:
-            json.dump({"device": "cuda" if torch.cuda.is_available() else "cpu", "cpu_count": os.cpu_count(),
-                       "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "load_average_at_end": os.getloadavg(),
-                       "wall_seconds": time.perf_counter() - started, "settings": settings, "results": results,
-                       "decision": decision}, f, indent=1)
+        write_json(args.json, {"device": "cuda" if torch.cuda.is_available() else "cpu", "cpu_count": os.cpu_count(),
+                               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                               "load_average_at_end": os.getloadavg(), "wall_seconds": time.perf_counter() - started,
+                               "settings": settings(args, ("json", "plot", "workdir")), "results": results,
+                               "decision": decision})
     if args.plot:
         plot(results, args.plot, args.dtype)
 
