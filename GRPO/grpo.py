@@ -44,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from nanorlhf import distributed, tasks  # noqa: E402
 from nanorlhf.config import RunConfig, parse_config  # noqa: E402
 from nanorlhf.errors import UserError, exit_on_user_error  # noqa: E402
+from nanorlhf.rollout import model_tokens  # noqa: E402
 
 
 @dataclass
@@ -314,7 +315,7 @@ def main(cfg, algo="grpo"):
         advantages = compute_advantages(rewards, cfg.group_size, cfg.scale_rewards)
         if cfg.whiten_advantages:  # over the whole batch (every rank's, under torchrun)
             advantages = distributed.on_whole_batch(whiten, advantages)
-        lengths = torch.tensor([len(c.token_ids) for c in completions])
+        lengths = torch.tensor([model_tokens(c) for c in completions])  # tool tokens (multi-turn) carry no loss
         truncated = torch.tensor([c.truncated for c in completions], dtype=torch.bool)
         keep, normalizer = select_completions(advantages, lengths, truncated, cfg)
         batch = run.batch(prompts, completions, keep=keep, advantages=advantages)

@@ -105,7 +105,7 @@ def token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
     rewards = torch.zeros_like(mask)
     if ref_logprobs is not None:
         rewards = -kl_coef * (logprobs - ref_logprobs) * mask
-    last = (mask.sum(1).long() - 1).clamp(min=0)  # (B,)
+    last = (torch.arange(mask.shape[1], device=mask.device) * mask.bool()).amax(1)  # (B,) the last token kept
     rewards[torch.arange(len(scores)), last] += scores.to(rewards.device)
     return rewards
 
@@ -118,17 +118,22 @@ def compute_gae(rewards, values, mask, gamma, lam):
         A_t     = delta_t + gamma lam A_{t+1}
         R_t     = A_t + V_t                        (the regression target of the critic)
 
-    Padding gets A = R = 0. lam = 1 gives the Monte-Carlo returns R_t = sum_k gamma^k r_{t+k}.
+    Padding gets A = R = 0. lam = 1 gives the Monte-Carlo returns R_t = sum_k gamma^k r_{t+k}. Positions the
+    mask leaves out inside a completion (a multi-turn episode's tool tokens) are skipped: t + 1 is the next
+    position the mask keeps, so the recursion runs over the model's tokens only.
     """
     mask = mask.float()
     rewards, values = rewards * mask, values * mask
     advantages = torch.zeros_like(rewards)
     next_advantage = torch.zeros_like(rewards[:, 0])
+    next_value = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
-        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else 0.0
+        kept = mask[:, t].bool()
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
-        advantages[:, t] = next_advantage
+        advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
+        advantages[:, t] = advantage
+        next_advantage = torch.where(kept, advantage, next_advantage)
+        next_value = torch.where(kept, values[:, t], next_value)
     return advantages, (advantages + values) * mask
 
 
@@ -179,8 +184,8 @@ def explained_variance(values, returns, mask):
 
 
 def completion_mask(batch):
-    lengths = torch.tensor([len(c) for c in batch.completion_ids])
-    return torch.arange(batch.vllm_logprobs.shape[1]) < lengths[:, None]
+    """(B, C) bool: the tokens the model sampled (not padding, not a multi-turn episode's tool tokens)."""
+    return batch.loss_mask.bool()
 
 
 def initialise_value_model(run, critic, cfg):

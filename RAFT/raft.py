@@ -139,7 +139,7 @@ def main(cfg):
         # 5. reference log-probs (adapter off); the policy's come inside the update
         batch.ref_logprobs = run.reference_logprobs(batch, temperature=1.0) if cfg.kl_coef > 0 and len(batch) else None
         # 6. loss, backward, optimizer step (at temperature 1: supervised learning, not the sampler's distribution)
-        normalizer = distributed.total(sum(map(len, batch.completion_ids)))  # over every rank (torchrun)
+        normalizer = distributed.total(int(batch.loss_mask.sum()))  # the model's tokens, over every rank (torchrun)
         stats = run.update(batch, epochs=cfg.ppo_epochs, temperature=1.0, loss_fn=lambda logprobs, entropy, mb:
                            compute_loss(logprobs, mb.ref_logprobs, mb.completion_mask, cfg.kl_coef, normalizer,
                                         is_weights=mb.is_weights))

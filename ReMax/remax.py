@@ -156,7 +156,7 @@ def main(cfg):
         batch.ref_logprobs = run.reference_logprobs(batch) if cfg.kl_coef > 0 and len(batch) else None
         # 6. loss, backward, optimizer step
         normalizer = distributed.total(len(batch) if cfg.loss_type == "sequence" else  # over every rank (torchrun)
-                                       sum(map(len, batch.completion_ids)))
+                                       int(batch.loss_mask.sum()))  # the tokens the model sampled
         stats = run.update(batch, epochs=cfg.ppo_epochs, loss_fn=lambda logprobs, entropy, mb: compute_loss(
             logprobs, mb.old_logprobs, mb.ref_logprobs, mb.advantages,
             mb.completion_mask, cfg.clip_eps, cfg.kl_coef, cfg.loss_type, normalizer, is_weights=mb.is_weights))

@@ -169,7 +169,7 @@ def main(cfg):
             lambda r: compute_advantages(r, cfg.whiten_advantages), centred - cfg.kl_coef * kl)
         # 6. loss, backward, optimizer step
         normalizer = distributed.total(len(batch) if cfg.loss_type == "sequence" else  # over every rank (torchrun)
-                                       sum(map(len, batch.completion_ids)))
+                                       int(batch.loss_mask.sum()))  # the tokens the model sampled
         stats = run.update(batch, epochs=cfg.ppo_epochs, loss_fn=lambda logprobs, entropy, mb: compute_loss(
             logprobs, mb.old_logprobs, mb.advantages, mb.completion_mask, cfg.clip_eps, cfg.loss_type, normalizer,
             is_weights=mb.is_weights))

@@ -85,7 +85,7 @@ class PromptStream:
     """
 
     def __init__(self, rows, tokenizer, prompt_field, max_prompt_tokens, seed, template="", system_prompt="",
-                 template_kwargs=None, shard=False):
+                 template_kwargs=None, shard=False, tools=None, tools_in_template=True):
         if template and (system_prompt or template_kwargs):
             raise UserError("--system_prompt and --chat_template_kwargs apply through the chat template, which "
                             "--prompt_template replaces: write the system text into the template instead")
@@ -100,6 +100,9 @@ class PromptStream:
         self.epoch, self.cursor, self.skipped, self.taken = 0, 0, 0, 0
         self._order = None
         self.shard = shard
+        # --tools: their schemas go to the template's `tools=`, or into the system message (`describe`) for a template
+        # that takes none (nanorlhf/multiturn.py, takes_tools)
+        self.tools, self.tools_in_template = tools, tools_in_template
 
     def _index(self):
         if self._order is None:
@@ -115,13 +118,15 @@ class PromptStream:
             if self.cursor == len(self.rows):
                 self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
             messages = to_messages(row[self.prompt_field])
+            text = prompt_text(messages)  # the reward functions' prompt: without the system prompt or the tools
             if self.template:  # a plain-text prompt for base models, e.g. R1-Zero's "...User: {prompt}\nAssistant:"
                 rendered = self.template.format(prompt=prompt_text(messages))
             else:
                 system = [{"role": "system", "content": self.system_prompt}] \
                     if self.system_prompt and messages[0]["role"] != "system" else []
-                rendered = self.tokenizer.apply_chat_template(system + messages, add_generation_prompt=True,
-                                                              tokenize=False, **self.template_kwargs)
+                messages = self.with_tools(system + messages)
+                rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                                              **self.template_kwargs, **self.tools_kwargs())
             token_ids = self.tokenizer(rendered, add_special_tokens=False).input_ids
             if len(token_ids) > self.max_prompt_tokens:
                 self.skipped += 1
@@ -131,10 +136,23 @@ class PromptStream:
                 continue
             self.taken += 1
             fields = {k: v for k, v in row.items() if k not in ("prompts", "completions")}
-            prompts.append({"text": prompt_text(messages), "token_ids": token_ids, "fields": fields,
-                            "index": len(prompts)})
+            prompts.append({"text": text, "token_ids": token_ids, "fields": fields, "index": len(prompts),
+                            "messages": messages})  # as rendered (multi-turn episodes go on from them)
         first, count = distributed.shard(n) if self.shard else (0, n)
         return prompts[first : first + count]
+
+    def tools_kwargs(self):
+        return {"tools": self.tools} if self.tools and self.tools_in_template else {}
+
+    def with_tools(self, messages):
+        """The messages with the tools described in the system message, for a template that takes no `tools`."""
+        if not self.tools or self.tools_in_template:
+            return messages
+        from nanorlhf.tools import describe
+
+        if messages and messages[0]["role"] == "system":
+            return [{"role": "system", "content": f"{messages[0]['content']}\n\n{describe(self.tools)}"}] + messages[1:]
+        return [{"role": "system", "content": describe(self.tools)}] + messages
 
     def state(self):
         return {"epoch": self.epoch, "cursor": self.cursor, "skipped": self.skipped, "taken": self.taken}
@@ -144,11 +162,12 @@ class PromptStream:
         self._order = None
 
 
-def load_prompts(cfg, tokenizer, resolve):
+def load_prompts(cfg, tokenizer, resolve, tools=None, tools_in_template=True):
     """The run's prompt stream (this rank's share of each step) and its evaluation prompts ([] unless eval_every),
     from cfg's dataset, prompt and chat fields; `resolve` maps demo names to local paths (nanorlhf.tasks)."""
     template = getattr(cfg, "prompt_template", "")
-    chat = dict(system_prompt=cfg.system_prompt, template_kwargs=template_kwargs(cfg.chat_template_kwargs))
+    chat = dict(system_prompt=cfg.system_prompt, template_kwargs=template_kwargs(cfg.chat_template_kwargs),
+                tools=tools, tools_in_template=tools_in_template)
     prompts = PromptStream(load_rows(resolve(cfg.dataset)), tokenizer, cfg.prompt_field, cfg.max_prompt_tokens,
                            cfg.seed, template, **chat, shard=True)
     if cfg.eval_every <= 0:

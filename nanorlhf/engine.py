@@ -154,7 +154,7 @@ class RolloutEngine:
         RolloutEngine.builds += 1
 
     def generate(self, prompt_token_ids, n, seed, max_new_tokens, temperature=1.0, top_p=1.0, greedy=False,
-                 with_greedy=False, first_index=0):
+                 with_greedy=False, first_index=0, seeds=None):
         """Sample n completions per prompt; returns a prompt-major list (prompt 0's n, then prompt 1's, ...).
         `greedy`: decode greedily instead. `with_greedy`: also one greedy completion per prompt, in the same
         batch (one wake-up, the prompts' KV shared), listed after all the sampled ones.
@@ -163,27 +163,37 @@ class RolloutEngine:
         all different, a new `seed` (base seed + step) gives new samples, and a rerun gives the same ones.
         `first_index`: the position of prompt 0 in the step's whole batch (a rank's share starts there), so that
         completion j of prompt p gets the same seed whatever the number of ranks.
+        Multi-turn episodes (nanorlhf/multiturn.py) continue with n=1, `seeds` (one per prompt, in place of those
+        drawn from `seed`) and `max_new_tokens` a list (each episode's budget left).
         """
         from vllm import SamplingParams
 
         mine = len(prompt_token_ids)
         if self.tp_group is not None:  # the ranks sharing this engine pool their prompts: one batch, each its own back
             shares = [None] * torch.distributed.get_world_size(self.tp_group)
-            torch.distributed.all_gather_object(shares, (list(prompt_token_ids), first_index), group=self.tp_group)
-            offset = sum(len(ids) for ids, _ in shares[: torch.distributed.get_rank(self.tp_group)])
-            prompt_token_ids = [ids for share, _ in shares for ids in share]
-            first_index = next((first for share, first in shares if share), 0)  # the shares are contiguous
+            torch.distributed.all_gather_object(shares, (list(prompt_token_ids), first_index, seeds, max_new_tokens),
+                                                group=self.tp_group)
+            offset = sum(len(share[0]) for share in shares[: torch.distributed.get_rank(self.tp_group)])
+            prompt_token_ids = [ids for share in shares for ids in share[0]]
+            first_index = next((share[1] for share in shares if share[0]), 0)  # the shares are contiguous
+            if seeds is not None:
+                seeds = [s for share in shares for s in share[2]]
+            if isinstance(max_new_tokens, list):
+                max_new_tokens = [m for share in shares for m in share[3]]
         if not prompt_token_ids:
             return []
         self.wake_up()
         if self.prefix_cache_stale:  # cached prompt KV was computed with the old weights
             self.llm.reset_prefix_cache()
             self.prefix_cache_stale = False
-        seeds = completion_seeds(seed, (first_index + len(prompt_token_ids)) * n)
-        sampled = [(i, 0.0 if greedy else temperature, 1.0 if greedy else top_p, seeds[(first_index + i) * n + j])
+        if seeds is None:
+            drawn = completion_seeds(seed, (first_index + len(prompt_token_ids)) * n)
+            seeds = [drawn[(first_index + i) * n + j] for i in range(len(prompt_token_ids)) for j in range(n)]
+        budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompt_token_ids)
+        sampled = [(i, 0.0 if greedy else temperature, 1.0 if greedy else top_p, seeds[i * n + j])
                    for i in range(len(prompt_token_ids)) for j in range(n)]
         greedy_extra = [(i, 0.0, 1.0, 0) for i in range(len(prompt_token_ids))] if with_greedy else []
-        requests = [(i, SamplingParams(n=1, max_tokens=max_new_tokens, temperature=t, top_p=p, seed=s,
+        requests = [(i, SamplingParams(n=1, max_tokens=budgets[i], temperature=t, top_p=p, seed=s,
                                        logprobs=0))  # logprobs=0: the sampled token's own log-prob only
                     for i, t, p, s in sampled + greedy_extra]
         outputs = self.llm.generate([{"prompt_token_ids": list(prompt_token_ids[i])} for i, _ in requests],

@@ -10,6 +10,7 @@ import torch
 
 from nanorlhf import distributed
 from nanorlhf.errors import UserError
+from nanorlhf.multiturn import conversation
 from nanorlhf.policy import move_optimizer_state
 
 
@@ -45,14 +46,18 @@ def make_batch(prompts, completions, keep=None, **per_sample):
     per-sample tensors; `dropped_tokens` counts what was left out (sparse)."""
     idx = [i for i in range(len(completions)) if keep is None or keep[i]]
     width = max([len(completions[i].token_ids) for i in idx] + [1])
-    vllm_logprobs = torch.zeros(len(idx), width)
+    vllm_logprobs, loss_mask = torch.zeros(len(idx), width), torch.zeros(len(idx), width)
     for row, i in enumerate(idx):
         vllm_logprobs[row, : len(completions[i].logprobs)] = torch.tensor(completions[i].logprobs)
+        # 1 on the tokens the model sampled: all of a single-turn completion, not a multi-turn episode's tool tokens
+        loss_mask[row, : len(completions[i].token_ids)] = torch.tensor(getattr(completions[i], "loss_mask", None)
+                                                                       or [1.0] * len(completions[i].token_ids))
     total_tokens = sum(len(prompts[c.prompt_index]["token_ids"]) + len(c.token_ids) for c in completions)
     batch = Batch(
         prompt_ids=[prompts[completions[i].prompt_index]["token_ids"] for i in idx],
         completion_ids=[completions[i].token_ids for i in idx],
         vllm_logprobs=vllm_logprobs,
+        loss_mask=loss_mask,
     )
     batch.dropped_tokens = total_tokens - sum(len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids))
     for key, value in per_sample.items():
@@ -69,23 +74,49 @@ def samples(prompts, completions, rewards, parts, count=4):
         seen.add(c.prompt_index)
         rows.append({"prompt": prompts[c.prompt_index]["text"], "completion": c.text, "reward": rewards[i].item(),
                      **{f"reward_{name}": values[i].item() for name, values in parts.items()},
-                     "length": len(c.token_ids), "truncated": bool(c.truncated)})
+                     "length": len(c.token_ids), "truncated": bool(c.truncated),
+                     **({"messages": conversation(c)} if hasattr(c, "messages") else {})})
     return rows
+
+
+def model_tokens(completion):
+    """How many of a completion's tokens the model sampled (a multi-turn episode's tool tokens left out)."""
+    mask = getattr(completion, "loss_mask", None)
+    return int(sum(mask)) if mask is not None else len(completion.token_ids)
+
+
+def tool_metrics(completions):
+    """The step's tool metrics (rank 0's and every rank's, under torchrun), {} for completions without tools."""
+    if not completions or not hasattr(completions[0], "turns"):
+        return {}
+    counts = torch.tensor([[c.turns, c.tool_calls, c.tool_failures, c.tool_truncations, len(c.token_ids),
+                            model_tokens(c)] for c in completions], dtype=torch.float)
+    counts = distributed.gather(counts)
+    return {"turns_mean": counts[:, 0].mean().item(), "tool_calls_mean": counts[:, 1].mean().item(),
+            "tool_failures": int(counts[:, 2].sum()), "tool_truncated_results": int(counts[:, 3].sum()),
+            "tool_token_fraction": 1 - counts[:, 5].sum().item() / max(counts[:, 4].sum().item(), 1)}
 
 
 class Rollout:
     """Generation and scoring for one run. timed(name): the run's phase timer; times: the step's timings, where the
     generated token count is summed; failed(together): the run's save-and-say before an error stops it."""
 
-    def __init__(self, cfg, engine, optimizer, rewards, timed, times, failed):
+    def __init__(self, cfg, engine, optimizer, rewards, timed, times, failed, multiturn=None):
         self.cfg, self.engine, self.optimizer, self.rewards = cfg, engine, optimizer, rewards
         self.timed, self.times, self.failed = timed, times, failed
+        self.multiturn = multiturn  # with tools: nanorlhf.multiturn.MultiTurn, episodes of several turns
 
-    def _engine_call(self, phase, prompts, n, seed, **kwargs):
+    def _engine_call(self, phase, prompts, n, seed, with_greedy=False, **kwargs):
         with self.timed(phase):
             move_optimizer_state(self.optimizer, "cpu")
-            completions = self.engine.generate([p["token_ids"] for p in prompts], n, seed, self.cfg.max_new_tokens,
-                                               **kwargs)
+            if self.multiturn is None:
+                completions = self.engine.generate([p["token_ids"] for p in prompts], n, seed,
+                                                   self.cfg.max_new_tokens, with_greedy=with_greedy, **kwargs)
+            else:  # ReMax's greedy baseline episodes come from a rollout of their own, listed after the sampled ones
+                completions = self.multiturn.episodes(prompts, n, seed, **kwargs)
+                if with_greedy:
+                    completions += self.multiturn.episodes(prompts, 1, 0, greedy=True,
+                                                           first_index=kwargs.get("first_index", 0))
             self.engine.sleep()
         return completions
 
@@ -95,7 +126,7 @@ class Rollout:
         completions = self._engine_call("time_generate", prompts, n, seed, temperature=self.cfg.temperature,
                                         top_p=self.cfg.top_p, with_greedy=with_greedy,
                                         first_index=prompts[0].get("index", 0) if prompts else 0)
-        tokens = sum(len(c.token_ids) for c in completions)  # summed over the step's calls (GRPO's dynamic sampling)
+        tokens = sum(map(model_tokens, completions))  # summed over the step's calls (GRPO's dynamic sampling)
         self.times["generated_tokens"] = self.times.get("generated_tokens", 0) + tokens
         if with_greedy:
             return completions[: len(prompts) * n], completions[len(prompts) * n :]
@@ -105,6 +136,8 @@ class Rollout:
         """(rewards (N,), {reward name: (N,)}) for the completions of `prompts` (prompt-major)."""
         rows = [prompts[c.prompt_index] for c in completions]
         fields = {k: [r["fields"][k] for r in rows] for k in rows[0]["fields"]} if rows else {}
+        if self.multiturn is not None:  # the whole conversation of each episode (over a dataset column so named)
+            fields["messages"] = [c.messages for c in completions]
         error = None
         try:
             rewards = self.rewards([r["text"] for r in rows], [c.text for c in completions], fields)
@@ -129,4 +162,5 @@ class Rollout:
         parts = {name: distributed.gather(values) for name, values in parts.items()}
         return {"eval_reward_mean": distributed.gather(rewards).mean().item(),
                 **{f"eval_reward_{name}": values.mean().item() for name, values in parts.items()},
-                "eval_response_length_mean": lengths.mean().item()}
+                "eval_response_length_mean": lengths.mean().item(),
+                **{f"eval_{k}": v for k, v in tool_metrics(completions).items()}}

@@ -20,18 +20,20 @@ import torch
 from nanorlhf import console, distributed
 from nanorlhf.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from nanorlhf.config import as_dict, check_config
-from nanorlhf.data import load_prompts
+from nanorlhf.data import load_prompts, template_kwargs
 from nanorlhf.engine import RolloutEngine, engine_lora_rank, engine_max_num_seqs, weight_sync_mode
 from nanorlhf.errors import UserError
 from nanorlhf.export import check_hub_credentials, export
 from nanorlhf.gpu import check_dtype_supported, check_engine_memory, is_out_of_memory
 from nanorlhf.logprobs import packing_works
+from nanorlhf.multiturn import MultiTurn, Template, takes_tools
 from nanorlhf.policy import adamw, device, evaluating, load_policy, merged_weights
 from nanorlhf.rewards import build_rewards
-from nanorlhf.rollout import Rollout, make_batch, samples
+from nanorlhf.rollout import Rollout, make_batch, samples, tool_metrics
 from nanorlhf.run_folder import announce_resume, prepare_output_dir, resume_checkpoint
 from nanorlhf.stopping import Stop
 from nanorlhf.tasks import resolve
+from nanorlhf.tools import Toolbox, load_tools, schemas
 from nanorlhf.tracking import Tracker
 from nanorlhf.update import Update, cosine_schedule
 
@@ -71,7 +73,11 @@ class Run:
                                     tp_group=distributed.tensor_parallel_group(tp),
                                     max_num_seqs=engine_max_num_seqs(cfg.prompts_per_step, cfg.group_size,
                                                                      self.world_size, len(self.eval_prompts), tp))
-        self.rollout = Rollout(cfg, self.engine, self.optimizer, self.rewards, self.timed, self.times, self.failed)
+        multiturn = MultiTurn(self.engine, self.template, Toolbox(self.tools, cfg.tool_timeout, self.tokenizer,
+                                                                 cfg.max_tool_response_tokens),
+                              self.tools, cfg.max_turns, cfg.max_new_tokens) if self.tools else None
+        self.rollout = Rollout(cfg, self.engine, self.optimizer, self.rewards, self.timed, self.times, self.failed,
+                               multiturn)
         self.trainer = Update(cfg, self.policy, self.optimizer, self.scheduler, self.tokenizer.pad_token_id,
                               self.packed, self.timed, self.times)
         self.trainer.engine_stale = bool(checkpoint)  # the engine holds the base weights: push the resumed ones
@@ -110,10 +116,27 @@ class Run:
             reward_model = ""  # --reward_fn alone replaces the default reward model; naming both combines them
         self.rewards = build_rewards(resolve(reward_model) if reward_model != "none" else "", cfg.reward_fn,
                                      cfg.reward_weights, cfg.reward_timeout)
-        self.prompts, self.eval_prompts = load_prompts(cfg, self.tokenizer, resolve)
+        tool_schemas, in_template = self._load_tools(cfg)
+        self.prompts, self.eval_prompts = load_prompts(cfg, self.tokenizer, resolve, tool_schemas, in_template)
         if cfg.push_to_hub:  # a missing login says so now, not after the training
             check_hub_credentials(cfg.push_to_hub)
         return model_name
+
+    def _load_tools(self, cfg):
+        """--tools: self.tools {name: function} ({} without) and self.template, the chat template's tool turns
+        (checked now, multiturn.py). Returns the tools' schemas and whether the chat template takes them."""
+        self.tools = load_tools(cfg.tools) if cfg.tools else {}
+        self.template = None
+        if not self.tools:
+            return None, True
+        tool_schemas, kwargs = schemas(self.tools), template_kwargs(cfg.chat_template_kwargs)
+        in_template = takes_tools(self.tokenizer, tool_schemas, kwargs)
+        if not in_template:
+            console.say(f"note: the chat template of {cfg.model} takes no tools: they are described in a system "
+                        "message, in the Hermes <tool_call> format")
+        self.template = Template(self.tokenizer, cfg.model, {**kwargs, **({"tools": tool_schemas} if in_template
+                                                                           else {})})
+        return tool_schemas, in_template
 
     def _load_policy(self, model_name, checkpoint, changes):
         """The policy with its LoRA adapter, the optimizer and the schedule, restored from `checkpoint` when resuming.
@@ -248,6 +271,7 @@ class Run:
             "engine_builds": RolloutEngine.builds,
             "kl": None,  # stays null when there is no reference pass (kl_coef 0)
             "generate_tokens_per_second": self.times.pop("generated_tokens") / self.times["time_generate"],
+            **tool_metrics(completions),
             **reward_counters,
             **self.times,
             **metrics,

@@ -94,11 +94,20 @@ class Update:
 
     def logprobs(self, mb, temperature=None, sampling=False, entropy=True):
         """completion_logprobs of micro-batch mb at `temperature` (default: the sampling one); sampling=True adds the
-        sampler's view (sampler_logprobs, processed_logprobs) at the engine's temperature and top-p."""
-        return completion_logprobs(self.policy, mb.prompt_ids, mb.completion_ids, self.pad_id,
-                                   self.cfg.temperature if temperature is None else temperature,
-                                   sampling=(self.cfg.temperature, self.cfg.top_p) if sampling else None,
-                                   packed=self.packed, entropy=entropy)
+        sampler's view (sampler_logprobs, processed_logprobs) at the engine's temperature and top-p. `mask` and
+        `canary_mask` keep the tokens the model sampled only (the batch's loss_mask: a multi-turn episode's tool
+        tokens carry no loss, importance weight, KL, entropy or canary), and `logprobs` is 0 elsewhere."""
+        out = completion_logprobs(self.policy, mb.prompt_ids, mb.completion_ids, self.pad_id,
+                                  self.cfg.temperature if temperature is None else temperature,
+                                  sampling=(self.cfg.temperature, self.cfg.top_p) if sampling else None,
+                                  packed=self.packed, entropy=entropy)
+        if "loss_mask" in mb:  # (a Batch from make_batch always has it)
+            model = mb.loss_mask.to(out["mask"].device).bool()
+            out["mask"] = out["mask"] & model
+            if "canary_mask" in out:
+                out["canary_mask"] = out["canary_mask"] & model
+            out["logprobs"] = out["logprobs"] * model
+        return out
 
     def reference_logprobs(self, batch, temperature=None):
         """(B, C) log-probs under the reference policy: the same base model with the LoRA adapter disabled."""
@@ -141,7 +150,7 @@ class Update:
             move_optimizer_state(self.optimizer, device())
             loss, grad_norm, sums = self._epochs(batch, batches, loss_fn, epochs, temperature,
                                                  view=None if separate else view)
-        tokens = sum(map(len, batch.completion_ids))
+        tokens = int(batch.loss_mask.sum()) if "loss_mask" in batch else sum(map(len, batch.completion_ids))
         sums = {k: float(v) for k, v in sums.items()}
         if distributed.world_size() > 1:  # the whole batch's stats: sums over the ranks
             keys = sorted(set().union(*distributed.gather_objects(list(sums))))
@@ -175,7 +184,7 @@ class Update:
                 loss, stats = loss_fn(out["logprobs"], out["entropy"], mb)
                 loss.backward()
                 epoch_loss += loss.detach()
-                n_tokens = sum(map(len, mb.completion_ids))
+                n_tokens = int(out["mask"].sum())  # the tokens the model sampled
                 stats["entropy"] = (out["entropy"] * out["mask"]).sum() / max(n_tokens, 1)
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v * n_tokens
