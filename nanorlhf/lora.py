@@ -3,12 +3,13 @@
 peft computes y = base(x) + lora_B(lora_A(dropout(x))) * scaling as separate ops: the scaling multiplies and the
 sum adds a (tokens, out_features) tensor, backward multiplies the gradient by the scaling at that width again and
 adds the two input gradients at (tokens, in_features). Here the scaling goes into the rank-wide matmuls and the sums
-into addmm's accumulate: the same terms, the adapter's in its own dtype (float32 next to a bfloat16 base, as peft's
-autocast leaves it), without those passes over memory; the one difference, the two input gradients are summed in
-the adapter's dtype (peft: in the input's). Saved for backward: dropout(x), in the input's dtype (peft keeps a
-float32 copy under bfloat16), and x A^T. The dropout module and its masks are peft's. Layers peft does something
-else with (a disabled or merged adapter, several active ones, DoRA and other variants, a bias on lora_B, a base
-that is not nn.Linear) keep peft's own forward.
+into addmm's accumulate, without those passes over memory. The adapter's matmuls run in the compute dtype, as under
+autocast (bf16 next to a bf16 base; peft upcasts them to the adapter's float32 and casts every (tokens, out) result
+back): A and B are cast once per call (r x in and out x r: small), their gradients return in their own dtype, and
+the optimizer keeps float32 weights (issue 27; the fidelity against float32 is tested in tests/test_policy.py).
+Saved for backward: dropout(x) and x A^T in the compute dtype. The dropout module and its masks are peft's. Layers
+peft does something else with (a disabled or merged adapter, several active ones, DoRA and other variants, a bias on
+lora_B, a base that is not nn.Linear) keep peft's own forward.
 """
 
 import types
@@ -22,32 +23,34 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, xd, weight, bias, lora_A, lora_B, scaling):
         base = torch.nn.functional.linear(x, weight, bias)  # (..., out)
-        h = xd.to(lora_A.dtype).reshape(-1, xd.shape[-1]) @ lora_A.t()  # (tokens, r)
+        # the adapter's matmuls in the compute dtype (bf16 next to a bf16 base, as under autocast; its weights and
+        # their gradients stay in their own dtype): float32 matmuls and (tokens, out) casts cost more than the base
+        A, B = lora_A.to(base.dtype), lora_B.to(base.dtype)  # (r, in), (out, r): small
+        h = xd.reshape(-1, xd.shape[-1]) @ A.t()  # (tokens, r)
         # in place: addmm into a fresh output would first copy the whole (tokens, out) base result into it
-        y = base.reshape(-1, base.shape[-1]).to(lora_A.dtype).addmm_(h, lora_B.t(), alpha=scaling)
-        ctx.save_for_backward(xd, h, weight, lora_A, lora_B)
-        ctx.scaling, ctx.same_input = scaling, xd is x
-        return y.to(base.dtype).view(base.shape)
+        y = base.reshape(-1, base.shape[-1]).addmm_(h, B.t(), alpha=scaling)
+        ctx.save_for_backward(xd, h, weight, A, B)
+        ctx.scaling, ctx.same_input, ctx.adapter_dtype = scaling, xd is x, lora_A.dtype
+        return y.view(base.shape)
 
     @staticmethod
     def backward(ctx, grad):
-        xd, h, weight, lora_A, lora_B = ctx.saved_tensors
+        xd, h, weight, A, B = ctx.saved_tensors
         s, shape = ctx.scaling, grad.shape
         grad = grad.reshape(-1, shape[-1])  # (tokens, out)
-        grad_lora = grad.to(lora_A.dtype)
-        grad_h = grad_lora @ lora_B  # (tokens, r)
+        grad_h = grad @ B  # (tokens, r)
         grad_x = grad_xd = grad_A = grad_B = None
         if ctx.needs_input_grad[4]:
-            grad_A = (grad_h.t() @ xd.reshape(-1, xd.shape[-1]).to(lora_A.dtype)).mul_(s)
+            grad_A = (grad_h.t() @ xd.reshape(-1, xd.shape[-1])).mul_(s).to(ctx.adapter_dtype)
         if ctx.needs_input_grad[5]:
-            grad_B = (grad_lora.t() @ h).mul_(s)
+            grad_B = (grad.t() @ h).mul_(s).to(ctx.adapter_dtype)
         if ctx.needs_input_grad[0]:
             grad_x = grad @ weight  # (tokens, in)
-            if ctx.same_input:  # both paths' input gradients, summed in the adapter's dtype (peft: in the input's)
-                grad_x = grad_x.to(lora_A.dtype).addmm_(grad_h, lora_A, alpha=s).to(grad.dtype)
+            if ctx.same_input:  # both paths' input gradients, summed by addmm's accumulate
+                grad_x.addmm_(grad_h, A, alpha=s)
             grad_x = grad_x.view(*shape[:-1], -1)
         if not ctx.same_input and ctx.needs_input_grad[1]:
-            grad_xd = (grad_h @ lora_A).mul_(s).to(xd.dtype).view(*shape[:-1], -1)
+            grad_xd = (grad_h @ A).mul_(s).view(*shape[:-1], -1)
         return grad_x, grad_xd, None, None, grad_A, grad_B, None
 
 
