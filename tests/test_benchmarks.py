@@ -135,3 +135,17 @@ def test_lora_saved_memory_tiny(tmp_path):
         assert 0 < r["fused_bytes"] <= r["peft_bytes"]
         if r["dtype"] == "bfloat16":  # peft keeps a float32 copy of each LoRA layer's input there
             assert r["ratio"] < 0.9
+
+
+def test_adapter_passes_tiny(tmp_path):
+    """The three passes of a step, each variant of the LoRA layer (peft's, the fused one), timed against the reference
+    pass; here with a previous lora.py loaded as `baseline` (this one's own file stands in for it)."""
+    out = tmp_path / "passes.json"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "adapter_passes.py"), "--tiny",
+                             "--baseline_lora", os.path.join(ROOT, "nanorlhf", "lora.py"), "--json", str(out)],
+                            capture_output=True, text=True, timeout=600, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert set(data["median"]) == {"reference", *(f"{p} {v}" for p in ("old_logprobs", "train")
+                                                  for v in ("peft", "fused", "baseline"))}
+    assert data["x_reference"]["reference"] == 1.0 and all(s > 0 for s in data["median"].values())
