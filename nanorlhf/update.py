@@ -184,8 +184,8 @@ class Update:
                 loss, stats = loss_fn(out["logprobs"], out["entropy"], mb)
                 loss.backward()
                 epoch_loss += loss.detach()
-                n_tokens = int(out["mask"].sum())  # the tokens the model sampled
-                stats["entropy"] = (out["entropy"] * out["mask"]).sum() / max(n_tokens, 1)
+                n_tokens = out["mask"].sum()  # the tokens the model sampled; on the device: no host sync here
+                stats["entropy"] = (out["entropy"] * out["mask"]).sum() / n_tokens.clamp(min=1)
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v * n_tokens
             # torchrun: every rank's loss is divided by the global normaliser, so the sums are the whole batch's
