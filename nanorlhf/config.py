@@ -51,7 +51,7 @@ class RunConfig:
     does not mean editing six files. `--help` lists them after the script's own fields."""
 
     vllm_tensor_parallel_size: int = 1  # ranks (GPUs) sharing one vLLM engine under torchrun: an engine too big for one GPU
-    weight_sync: str = "auto"  # updates into the engine: merged (W + scale B A in place), lora (A, B; vLLM's LoRA) or auto (lora unless float32)
+    weight_sync: str = "auto"  # updates into the engine: merged (W + scale B A in place), lora (A, B; vLLM's LoRA) or auto (merged on CPU or in float32, else lora)
     vllm_is_correction: str = "token_truncate"  # trainer/sampler mismatch weight: token_truncate, sequence_truncate, sequence_mask or none
     vllm_is_cap: float = 2.0  # C in min(pi_trainer / pi_vllm, C) (sequence_mask: ratios above C get weight 0)
     micro_batch_tokens_nograd: int = 0  # token budget of a micro-batch without gradients (reference, old log-probs, values); 0 = 4 x micro_batch_tokens

@@ -58,13 +58,15 @@ def completion_seeds(seed, count):
     return [int(s) for s in np.random.default_rng(seed).integers(0, 2**31 - 1, size=count)]
 
 
-def weight_sync_mode(weight_sync, dtype):
-    """How updates reach the engine: merged or lora. auto: in float32 both syncs are exact and merged is the faster;
-    in bf16/fp16 a merged push rounds away small updates that the trainer still sees (docs/performance.md, "Update
-    fidelity in bfloat16")."""
+def weight_sync_mode(weight_sync, dtype, device_type="cuda"):
+    """How updates reach the engine: merged or lora. auto: merged in float32 (both syncs are exact there and merged
+    generates faster) and on a CPU (vLLM-CPU's LoRA path generated 12x slower than the merged model on SmolLM2-135M,
+    with the same canary over a real-model run); lora in bf16/fp16 on a GPU, where a merged push rounds away small
+    updates that the trainer still sees and vLLM's LoRA kernels are cheap (docs/performance.md, "Update fidelity in
+    bfloat16" and "The real model in bf16")."""
     if weight_sync != "auto":
         return weight_sync
-    return "merged" if dtype == "float32" else "lora"
+    return "merged" if dtype == "float32" or device_type == "cpu" else "lora"
 
 
 def engine_lora_rank(lora_r):

@@ -50,7 +50,7 @@ class Run:
                     " (library output goes to run.log in the run folder; --verbose true shows it)"))
         if not cfg.verbose:
             console.start()  # see nanorlhf/console.py
-        self.weight_sync = weight_sync_mode(cfg.weight_sync, cfg.dtype)
+        self.weight_sync = weight_sync_mode(cfg.weight_sync, cfg.dtype, device().type)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
