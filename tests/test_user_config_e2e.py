@@ -40,7 +40,7 @@ def setup(tmp_path_factory):
               "--reward_model", "none", "--reward_fn", f"{root / 'reward.py'}:score", "--max_new_tokens", "256",
               "--max_prompt_tokens", "64", "--prompts_per_step", "2", "--group_size", "2", "--wandb", "false",
               "--dtype", "bfloat16", "--gradient_checkpointing", "true", "--lora_dropout", "0.05",
-              "--learning_rate", "1e-4"]
+              "--learning_rate", "1e-4", "--weight_sync", "lora"]  # the bf16 default on a GPU (auto is merged on a CPU)
     return root, common
 
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from nanorlhf.engine import engine_lora_rank
+from nanorlhf.engine import engine_lora_rank, weight_sync_mode
 from nanorlhf.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,6 +34,13 @@ def test_grpo_demo_with_lora_sync(tmp_path):
     # an adapter one step stale (a skipped or cached push) measured 0.07 at step 3. 1e-3 sits between, far from both.
     assert all(r["logprob_diff"] < 1e-3 for r in rows), [r["logprob_diff"] for r in rows]
     assert rows[-1]["kl"] > 0  # the policy moved, and the engine sampled from it
+
+
+def test_auto_sync_is_merged_on_a_cpu_or_in_float32_and_lora_in_bf16_on_a_gpu():
+    assert weight_sync_mode("auto", "bfloat16", "cpu") == "merged"  # vLLM-CPU's LoRA path: 12x slower generation
+    assert weight_sync_mode("auto", "float32", "cuda") == "merged"  # both exact there, merged generates faster
+    assert weight_sync_mode("auto", "bfloat16", "cuda") == "lora"  # a merged push rounds small updates away
+    assert weight_sync_mode("lora", "bfloat16", "cpu") == "lora" and weight_sync_mode("merged", "bfloat16", "cuda") == "merged"
 
 
 def test_unknown_weight_sync_is_one_clear_sentence(tmp_path):
