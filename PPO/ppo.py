@@ -11,8 +11,11 @@ adapter; the critic is a second LoRA adapter on the same frozen base plus a line
 updated policy weights are pushed into the engine in place (`--weight_sync`).
 
 Value-model initialisation: before the first PPO update the critic alone is fitted to the returns of the
-initial policy's rollouts for `value_init_steps` steps (logged to value_init.jsonl). A fresh value head
-predicts noise, and until the critic catches up the advantages built on it are mostly noise too.
+initial policy's rollouts, round after round of fresh rollouts, until its explained variance on a round's new
+rollouts reaches `value_init_ev` or `value_init_steps` rounds are done (logged to value_init.jsonl). Until the
+critic explains the returns, the advantages built on it are mostly its error. The value head starts at zero
+and the critic's output is scaled by the first scores' mean and std (fit_value_scale), so that it starts at
+the mean return and one learning rate fits any reward scale (issue 30).
 
 Differences from the paper and 2403.17031: the critic is not initialised from a reward model (with a
 rule-based reward there is none) but by the value initialisation above; each of the `ppo_epochs` is one
@@ -86,7 +89,8 @@ class Config(RunConfig):
     lam: float = 0.95  # GAE lambda
     whiten_advantages: bool = False  # normalise advantages over the batch's tokens (trl does)
     value_learning_rate: float = 1e-4  # the critic's learning rate (adapter + value head), constant
-    value_init_steps: int = 10  # critic-only steps on the initial policy's rollouts before the first PPO update
+    value_init_steps: int = 10  # at most this many critic-only rounds on the initial policy's rollouts before PPO
+    value_init_ev: float = 0.5  # ... fewer once the critic's explained variance on new rollouts reaches this
 
 
 # --demo: the shared demo defaults (tiny model, addition, exact-answer reward; see nanorlhf/tasks.py) plus these.
@@ -188,36 +192,71 @@ def completion_mask(batch):
     return batch.loss_mask.bool()
 
 
+def fit_value_scale(critic, scores):
+    """Fix the critic's output as V = mean + std * head(h), from the first batch of scores that vary (return
+    normalisation: OpenRLHF's critic de-normalises with a fixed mean and std too). The head then regresses
+    targets of unit size, so one value_learning_rate suits a 0-1 rule-based reward and a reward model's logits
+    alike, and the zero head starts at the mean return. Set once: later batches see the same function."""
+    if critic.value_scale.fitted:  # the same on every rank
+        return
+    scores = distributed.gather(scores)
+    if scores.std() > 0:
+        critic.value_scale.set(scores.mean().item(), scores.std().item())
+
+
 def initialise_value_model(run, critic, cfg):
-    """Fit the critic alone to the returns of the initial policy's rollouts, on fresh rollouts each step.
-    The policy still equals the reference, so the KL penalty is 0 and the return of each token is its
-    discounted score: GAE with lam = 1. Logged to value_init.jsonl (metrics.jsonl keeps PPO's steps)."""
+    """Fit the critic alone to the returns of the initial policy's rollouts, on fresh rollouts each step, until
+    it explains them: each round first measures the explained variance of the critic's values on its fresh
+    rollouts (held-back data: what PPO's first advantages will see), stops if it reaches value_init_ev, and
+    otherwise fits them; value_init_steps caps the fitting rounds. The policy still equals the reference, so
+    the KL penalty is 0 and the return of each token is its discounted score: GAE with lam = 1. Logged to
+    value_init.jsonl (metrics.jsonl keeps PPO's steps). Returns the last round's explained variance."""
+    explained = float("nan")
     # rank 0 writes the log (torchrun: os.devnull elsewhere)
     with open(os.path.join(run.output_dir, "value_init.jsonl") if distributed.is_main() else os.devnull, "w") as log:
-        for init_step in range(1, cfg.value_init_steps + 1):
+        for init_step in range(1, cfg.value_init_steps + 2):  # + 1: a last round measures the last fit
             if run.stop_agreed():  # Ctrl-C or SIGTERM: run.steps() exits before its first step
-                break
+                return explained
             prompts = run.prompts.next(cfg.prompts_per_step)
             completions = run.generate(prompts, n=cfg.group_size, seed=cfg.seed - init_step)
             rewards, _ = run.score(prompts, completions)
+            fit_value_scale(critic, rewards)
             batch = run.batch(prompts, completions)
             micro_batches, _ = run.micro_batches(batch)
             mask = batch.completion_mask = completion_mask(batch)
             batch.old_values = critic.predict(batch, run.micro_batches(batch, grad=False)[0]).cpu()
             _, batch.returns = compute_gae(token_rewards(rewards, None, None, mask, 0.0), batch.old_values, mask,
                                            cfg.gamma, lam=1.0)
-            normalizer = distributed.total(mask.sum().item())  # the whole batch's tokens, over every rank
-            stats = critic.update(batch, micro_batches, epochs=cfg.ppo_epochs, loss_fn=lambda values, mb:
-                                  compute_value_loss(values, mb.old_values, mb.returns, mb.completion_mask, math.inf,
-                                                     normalizer))
+            # the whole batch's (every rank's), so every rank takes the same decision
+            explained = explained_variance(*map(distributed.gather, (batch.old_values, batch.returns, mask)))
             row = {"init_step": init_step, "reward_mean": distributed.gather(rewards).mean().item(),
-                   "explained_variance": explained_variance(*map(distributed.gather, (batch.old_values,
-                                                                                        batch.returns, mask))),
-                   "value_loss": stats["value_loss"]}
+                   "explained_variance": explained, "value_loss": None}
+            done = explained >= cfg.value_init_ev or init_step > cfg.value_init_steps
+            if not done:
+                normalizer = distributed.total(mask.sum().item())  # the whole batch's tokens, over every rank
+                row["value_loss"] = critic.update(batch, micro_batches, epochs=cfg.ppo_epochs, loss_fn=lambda values,
+                                                  mb: compute_value_loss(values, mb.old_values, mb.returns,
+                                                                         mb.completion_mask, math.inf,
+                                                                         normalizer))["value_loss"]
             log.write(json.dumps(row) + "\n")
             log.flush()
-            console.say(f"value init {init_step}/{cfg.value_init_steps}: explained variance "
-                        f"{row['explained_variance']:.3f}, value loss {row['value_loss']:.4f}")
+            if done:
+                console.say(value_init_verdict(explained, init_step - 1, cfg.value_init_ev, cfg.value_init_steps))
+                break
+            console.say(f"value init {init_step}/{cfg.value_init_steps}: explained variance {explained:.3f} on new "
+                        f"rollouts, value loss {row['value_loss']:.4f}")
+    return explained
+
+
+def value_init_verdict(explained, rounds, threshold, cap):
+    """The sentence that ends the value initialisation: `rounds` fitting rounds done, `explained` measured after."""
+    if explained >= threshold:
+        return f"value init: explained variance {explained:.3f} on new rollouts after {rounds} rounds reaches " \
+               f"--value_init_ev {threshold}; PPO starts"
+    return f"value init stopped at the cap (--value_init_steps {cap}) with explained variance {explained:.3f} on new " \
+           f"rollouts, short of --value_init_ev {threshold}: PPO's first advantages rest on a critic that explains " \
+           f"the returns less than asked; raise --value_init_steps (or --value_learning_rate), or lower " \
+           f"--value_init_ev where the returns cannot be predicted better"
 
 
 def main(cfg):
@@ -228,11 +267,16 @@ def main(cfg):
         raise UserError(f"--gamma and --lam must lie between 0 and 1, got {cfg.gamma} and {cfg.lam}")
     if cfg.value_init_steps < 0:
         raise UserError(f"--value_init_steps must be 0 or more, got {cfg.value_init_steps}")
+    if not cfg.value_init_ev <= 1:
+        raise UserError(f"--value_init_ev must be at most 1 (explained variance never exceeds it), got "
+                        f"{cfg.value_init_ev}")
     run = Run(cfg, algo="ppo")
     critic = Critic(run.policy, run.tokenizer.pad_token_id, cfg.value_learning_rate, cfg.max_grad_norm, run.packed)
     for name, part in critic.checkpointed().items():
         run.register(name, part)  # restored here when resuming
-    if run.start_step == 1:
+    if run.start_step > 1:  # a resumed critic keeps the scale it was trained with (none, in older checkpoints)
+        critic.value_scale.fitted.fill_(True)
+    elif cfg.value_init_steps > 0:
         initialise_value_model(run, critic, cfg)
     for step in run.steps():
         # 1. take the next prompts
@@ -241,6 +285,7 @@ def main(cfg):
         completions = run.generate(prompts, n=cfg.group_size, seed=cfg.seed + step)
         # 3. score them
         rewards, reward_parts = run.score(prompts, completions)  # (N,)
+        fit_value_scale(critic, rewards)  # without value initialisation: on the first scores that vary
         batch = run.batch(prompts, completions)
         micro_batches, _ = run.micro_batches(batch)
         mask = batch.completion_mask = completion_mask(batch)  # (B, C)

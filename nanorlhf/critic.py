@@ -48,24 +48,47 @@ class AdapterWeights:
         set_peft_model_state_dict(self.model, state, adapter_name=self.adapter_name)
 
 
+class ValueScale(torch.nn.Module):
+    """The critic's output V = shift + scale * head(h), so that the head regresses targets of unit size whatever
+    the reward's scale. The algorithm sets it once (`set`); until then V = head(h). Buffers, so it is checkpointed
+    with the run and never trained."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("shift", torch.zeros(()))
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    def set(self, shift, scale):
+        self.shift.fill_(shift)
+        self.scale.fill_(scale)
+        self.fitted.fill_(True)
+
+
 class Critic:
     """V(prompt, completion[:t]) for every completion token t: the critic adapter's last hidden state at the
-    position that predicts token t, through `head`, a Linear(hidden, 1) that starts as any new value head
-    does (PyTorch's default init). Its own AdamW trains the critic adapter and the head."""
+    position that predicts token t, through `head`, a Linear(hidden, 1) that starts at zero, and `value_scale`:
+    V = shift + scale * head(h). A zero head predicts the constant `shift` (explained variance exactly 0), where
+    PyTorch's default init predicts noise of the hidden states' size (issue 30: EV -23 on SmolLM2-135M, which
+    the critic's learning rate could not undo in 40 steps). Its own AdamW trains the critic adapter and the head."""
 
     def __init__(self, policy, pad_id, learning_rate, max_grad_norm, packed=True):
         self.policy, self.pad_id, self.max_grad_norm, self.packed = policy, pad_id, max_grad_norm, packed
         policy.add_adapter(CRITIC, copy.deepcopy(policy.peft_config[POLICY]))  # same rank and targets as the policy
         hidden_size = policy.get_base_model().config.hidden_size
         self.head = torch.nn.Linear(hidden_size, 1).to(device())
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+        self.value_scale = ValueScale().to(device())
         with self.active():
             self.trainable = [p for p in policy.parameters() if p.requires_grad] + list(self.head.parameters())
         self.optimizer = adamw(self.trainable, learning_rate)
 
     def checkpointed(self):
-        """What `run.register` must save for an exact resume: head, critic adapter, critic optimizer."""
-        return {"value_head": self.head, "critic_adapter": AdapterWeights(self.policy, CRITIC),
-                "critic_optimizer": self.optimizer}
+        """What `run.register` must save for an exact resume: head, output scale, critic adapter, critic optimizer.
+        (A checkpoint written before the scale existed has none: V = head(h), as it was trained.)"""
+        return {"value_head": self.head, "value_scale": self.value_scale,
+                "critic_adapter": AdapterWeights(self.policy, CRITIC), "critic_optimizer": self.optimizer}
 
     @contextmanager
     def active(self):
@@ -79,7 +102,8 @@ class Critic:
     def values(self, mb):
         """(b, c) values of one micro-batch (call inside `active()`), 0 on padding."""
         hidden, _, mask = completion_states(self.policy, mb.prompt_ids, mb.completion_ids, self.pad_id, self.packed)
-        values = self.head(hidden.float()).squeeze(-1)  # (N,): the state before each completion token
+        scale = self.value_scale
+        values = scale.shift + scale.scale * self.head(hidden.float()).squeeze(-1)  # (N,): the state before each token
         return torch.zeros(mask.shape, dtype=values.dtype, device=mask.device).masked_scatter(mask, values)
 
     def predict(self, batch, micro_batches):

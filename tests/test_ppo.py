@@ -193,11 +193,19 @@ def run_script(*args):
                           check=False)
 
 
+PREDICTABLE_REWARD = """
+def sum_reward(prompts, completions, answer, **_):
+    return [int(a) / 18 for a in answer]  # the sum asked for: the prompt alone decides it, so a critic can learn it
+"""
+
+
 def test_demo_run_logs_ppo_metrics(tmp_path):
     output_dir = str(tmp_path / "run")
-    # 1 value-initialisation step, then 2 PPO steps of 8 prompts x 4 completions
+    (tmp_path / "reward.py").write_text(PREDICTABLE_REWARD)
+    # value initialisation until the critic explains the returns (at most 30 rounds), then 2 PPO steps of 8 x 4
     result = run_script("--demo", "--total_episodes", "64", "--prompts_per_step", "8", "--group_size", "4",
-                        "--value_init_steps", "1", "--wandb", "false", "--output_dir", output_dir)
+                        "--reward_fn", f"{tmp_path / 'reward.py'}:sum_reward", "--value_init_steps", "30",
+                        "--value_init_ev", "0.5", "--wandb", "false", "--output_dir", output_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
@@ -211,13 +219,31 @@ def test_demo_run_logs_ppo_metrics(tmp_path):
     assert rows[-1]["kl"] is not None
     with open(os.path.join(output_dir, "value_init.jsonl")) as f:
         init_rows = [json.loads(line) for line in f]
-    assert [r["init_step"] for r in init_rows] == [1]
+    # it fitted round after round while the critic explained less than half the variance of new rollouts, and
+    # stopped at the first round whose new rollouts it explained (measured before fitting them, not fitted after)
+    *fitted, last = init_rows
+    assert 2 <= len(init_rows) < 30 and [r["init_step"] for r in init_rows] == list(range(1, len(init_rows) + 1))
+    assert all(r["explained_variance"] < 0.5 and r["value_loss"] > 0 for r in fitted)
+    assert last["explained_variance"] >= 0.5 and last["value_loss"] is None
+    assert fitted[0]["explained_variance"] == pytest.approx(0.0, abs=1e-5)  # zero head: the mean return, a constant
+    assert f"explained variance {last['explained_variance']:.3f} on new rollouts after {len(fitted)} rounds " \
+        "reaches --value_init_ev 0.5; PPO starts" in result.stdout
     assert os.path.exists(os.path.join(output_dir, "checkpoint-2", "critic", "adapter_model.safetensors"))
+
+
+def test_value_init_at_the_cap_says_so_and_what_to_change():
+    sentence = ppo.value_init_verdict(0.123, 10, 0.5, 10)
+    assert sentence.startswith("value init stopped at the cap (--value_init_steps 10) with explained variance 0.123 "
+                               "on new rollouts, short of --value_init_ev 0.5")
+    assert "raise --value_init_steps" in sentence and "lower --value_init_ev" in sentence
+    assert "PPO starts" in ppo.value_init_verdict(0.6, 3, 0.5, 10)
+    assert "stopped at the cap" in ppo.value_init_verdict(float("nan"), 10, 0.5, 10)  # returns that never varied
 
 
 @pytest.mark.parametrize("args, words", [
     (["--lam", "1.5"], "--gamma and --lam must lie between 0 and 1"),
     (["--value_init_steps", "-1"], "--value_init_steps must be 0 or more"),
+    (["--value_init_ev", "1.5"], "--value_init_ev must be at most 1"),
     (["--no_such_field", "1"], "unknown option --no_such_field"),
 ])
 def test_bad_input_is_one_clear_sentence(tmp_path, args, words):
