@@ -163,12 +163,12 @@ def _warm_start(out_dir, hidden_size, num_layers, digits, tool_share, target_cop
         logits = model(input_ids=ids).logits[torch.arange(len(ids)), first]
         return logits.softmax(-1)[torch.arange(len(ids)), ids[torch.arange(len(ids)), first + 1]].mean().item()
 
-    encoded = [(encode(r, True), encode(r, False)) for r in train]
+    encoded = [(encode(r, True), encode(r, False)) for r in train[: (max_steps + 1) * batch_size]]  # the rows used
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     accuracy = 0.0
     for step in range(1, max_steps + 1):
-        start = step * batch_size % len(train)
+        start = step * batch_size % len(encoded)
         ids, labels = pad([pair[rng.random() >= tool_share] for pair in encoded[start : start + batch_size]])
         loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
