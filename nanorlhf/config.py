@@ -70,6 +70,7 @@ class RunConfig:
     export_model: bool = True  # at the end, write <output_dir>/model: base + LoRA merged, for transformers and vLLM
     push_to_hub: str = ""  # at the end, also upload that model to this hub repo ("user/name"; needs a login)
     tools: str = ""  # tools the model may call, file.py:fn1,fn2 or module:fn1,fn2 (typed, with docstrings; nanorlhf.tools:python runs code)
+    environment: str = ""  # file.py:Class or module:Class, one instance per episode: reset(**row), its public methods are tools, an optional reward() is added (docs/tools.md)
     max_turns: int = 4  # with tools: model turns per episode at most
     max_tool_response_tokens: int = 256  # with tools: a longer tool result is cut to this many tokens (0 = no limit)
     tool_timeout: float = 10.0  # with tools: seconds a turn's tool calls may take (0 = no limit)
@@ -106,12 +107,13 @@ def check_config(cfg, world_size):
     if cfg.save_total_limit < 0 or cfg.max_skipped_steps < 1:
         raise UserError("--save_total_limit must be 0 (keep all) or more and --max_skipped_steps at least 1, got "
                         f"{cfg.save_total_limit} and {cfg.max_skipped_steps}")
-    if cfg.tools and (cfg.max_turns < 1 or cfg.max_tool_response_tokens < 0 or not cfg.tool_timeout >= 0):
+    multi_turn = cfg.tools or cfg.environment
+    if multi_turn and (cfg.max_turns < 1 or cfg.max_tool_response_tokens < 0 or not cfg.tool_timeout >= 0):
         raise UserError(f"--max_turns must be at least 1, --max_tool_response_tokens and --tool_timeout 0 (no limit) "
                         f"or more, got {cfg.max_turns}, {cfg.max_tool_response_tokens} and {cfg.tool_timeout}")
-    if cfg.tools and getattr(cfg, "prompt_template", ""):
-        raise UserError("--tools reach the model through the chat template, which --prompt_template replaces: "
-                        "leave --prompt_template out")
+    if multi_turn and getattr(cfg, "prompt_template", ""):
+        raise UserError("--tools and --environment reach the model through the chat template, which "
+                        "--prompt_template replaces: leave --prompt_template out")
     episodes_per_step = cfg.prompts_per_step * cfg.group_size
     if cfg.total_episodes < episodes_per_step:
         raise UserError(f"--total_episodes {cfg.total_episodes} is less than one step "

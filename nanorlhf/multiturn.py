@@ -12,6 +12,10 @@ tool messages, the difference of the ids); the sampled turn's text is decoded on
 ends when a turn calls no tool, the turn stops on the token budget (max_new_tokens counts every token after the
 prompt, tool tokens included; a turn whose tool messages would not fit ends the episode there, truncated), or
 max_turns model turns are done. Episodes never span steps.
+
+With --environment every episode makes its own instance of the class and resets it with its dataset row; a message
+reset() returns is a user message after the prompt's (the episode's `prompt_ids` are rendered with it), and the
+instance's public methods are the episode's tools besides --tools (docs/tools.md, Environments).
 """
 
 import dataclasses
@@ -19,9 +23,11 @@ import json
 
 import numpy as np
 
-from nanorlhf.engine import Completion
+from nanorlhf import distributed
+from nanorlhf.engine import Completion, completion_seeds
 from nanorlhf.errors import UserError
-from nanorlhf.tools import parse_calls
+from nanorlhf.rewards import user_frames
+from nanorlhf.tools import environment_tools, parse_calls
 
 DUMMY = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
 
@@ -33,6 +39,8 @@ class Episode(Completion):
 
     loss_mask: list = dataclasses.field(default_factory=list)  # 1 on sampled ids, 0 on tool and template ids
     messages: list = dataclasses.field(default_factory=list)  # the whole conversation, prompt messages first
+    prompt_ids: list = dataclasses.field(default_factory=list)  # the prompt's ids (with reset()'s message, if any)
+    environment: object = None  # the episode's own --environment instance
     turns: int = 0  # model turns
     tool_calls: int = 0
     tool_failures: int = 0  # malformed, unknown, raising or timed-out calls
@@ -106,36 +114,84 @@ def turn_seeds(seed, turn, indices):
 
 class MultiTurn:
     """Episodes for one run: `engine` (nanorlhf.engine.RolloutEngine), `template` (Template), `toolbox`
-    (nanorlhf.tools.Toolbox), `tools`: the run's {name: function}."""
+    (nanorlhf.tools.Toolbox), `tools`: the run's {name: function}; `environment`: the --environment class (None
+    without), made fresh for each episode; `failed(together)`: the run's save-and-say before an error stops it."""
 
-    def __init__(self, engine, template, toolbox, tools, max_turns, max_new_tokens):
+    def __init__(self, engine, template, toolbox, tools, max_turns, max_new_tokens, environment=None,
+                 max_prompt_tokens=None, failed=None):
         self.engine, self.template, self.toolbox, self.tools = engine, template, toolbox, tools
         self.max_turns, self.budget = max_turns, max_new_tokens
+        self.environment, self.max_prompt_tokens, self.failed = environment, max_prompt_tokens, failed
+        self.methods = list(environment_tools(environment)) if environment else []  # each instance's tools
 
     def episodes(self, prompts, n, seed, temperature=1.0, top_p=1.0, greedy=False, first_index=0):
-        """n episodes per prompt (prompt-major): prompts are the PromptStream's dicts (token_ids, messages)."""
+        """n episodes per prompt (prompt-major): prompts are the PromptStream's dicts (token_ids, messages, fields)."""
         sampling = dict(temperature=temperature, top_p=top_p, greedy=greedy)
-        outs = self.engine.generate([p["token_ids"] for p in prompts], n, seed, self.budget, first_index=first_index,
-                                    **sampling)
-        episodes = [Episode(c.prompt_index, [], "", [], False, messages=[dict(m) for m in
-                                                                          prompts[c.prompt_index]["messages"]])
-                    for c in outs]
-        indices = [(first_index + e.prompt_index) * n + k % n for k, e in enumerate(episodes)]  # global, for seeds
+        episodes = self._start(prompts, [k // n for k in range(len(prompts) * n)])
+        indices = [(first_index + k // n) * n + k % n for k in range(len(episodes))]  # global, for seeds
+        tools = [{**self.tools, **{name: getattr(e.environment, name) for name in self.methods}} for e in episodes]
         running = list(range(len(episodes)))
+        # the first turn's seeds are the ones engine.generate draws for n completions per prompt
+        seeds = completion_seeds(seed, max(indices, default=-1) + 1)
+        outs = self.engine.generate([e.prompt_ids for e in episodes], 1, None, self.budget,
+                                    seeds=[seeds[i] for i in indices], **sampling)
         for turn in range(1, self.max_turns + 1):
             calls = {}
             for k, out in zip(running, outs):
                 if self._take_turn(episodes[k], out) and turn < self.max_turns:
                     calls[k] = parse_calls(out.text)
-            results = self.toolbox.run([[(c, self.tools) for c in calls[k]] for k in calls])
+            results = self.toolbox.run([[(c, tools[k]) for c in calls[k]] for k in calls])
             running = [k for k, turn_results in zip(calls, results) if self._add_results(episodes[k], turn_results)]
             if not running:
                 break
-            outs = self.engine.generate([prompts[episodes[k].prompt_index]["token_ids"] + episodes[k].token_ids
-                                         for k in running], 1, None,
+            outs = self.engine.generate([episodes[k].prompt_ids + episodes[k].token_ids for k in running], 1, None,
                                         [self.budget - len(episodes[k].token_ids) for k in running],
                                         seeds=turn_seeds(seed, turn, [indices[k] for k in running]), **sampling)
         return episodes
+
+    def _start(self, prompts, order):
+        """An empty episode of prompts[p] for each p in order; with --environment, each its own instance, reset with
+        the prompt's row: a message reset() returns is a user message after the prompt's. A reset that raises (or
+        makes the prompt longer than max_prompt_tokens) stops the run, after the last completed step is saved, as a
+        raising reward does."""
+        episodes, error = [], None
+        try:
+            for index in order:
+                prompt = prompts[index]
+                episodes.append(Episode(index, [], "", [], False, messages=[dict(m) for m in prompt["messages"]],
+                                        prompt_ids=prompt["token_ids"]))
+                if self.environment:
+                    self._reset(episodes[-1], prompt["fields"])
+        except UserError as e:
+            error = e
+        # under torchrun every rank starts its episodes here: all of them stop together, so they can save together
+        if distributed.any_rank(error is not None):
+            error = str(error or "another rank's --environment failed (its message names it)")
+            message, _, frames = error.partition("\n")
+            saved = f" {self.failed(together=True)}" if self.failed else ""
+            raise UserError(message + saved + (f"\n{frames}" if frames else "")) from None
+        return episodes
+
+    def _reset(self, episode, row):
+        name, step = f"--environment {self.environment.__name__}", f"{self.environment.__name__}()"
+        try:
+            episode.environment = self.environment()
+            step = "reset(**row)"
+            message = episode.environment.reset(**row)
+        except Exception as e:
+            frames = user_frames(e, self.environment.reset)
+            raise UserError(f"{name}: {step} raised {type(e).__name__}: {e} (the row's columns: {', '.join(row)})."
+                            + (f"\n{frames}" if frames else "")) from None
+        if message is not None:
+            episode.messages.append({"role": "user", "content": str(message)})
+            try:
+                episode.prompt_ids = self.template.ids(episode.messages, generation_prompt=True)
+            except Exception as e:  # e.g. a template that wants user and assistant messages to alternate
+                raise UserError(f"{name}: the chat template cannot take reset()'s message as a user message after "
+                                f"the prompt's ({type(e).__name__}: {e})") from None
+            if self.max_prompt_tokens and len(episode.prompt_ids) > self.max_prompt_tokens:
+                raise UserError(f"{name}: reset()'s message makes the prompt {len(episode.prompt_ids)} tokens, over "
+                                f"--max_prompt_tokens {self.max_prompt_tokens}; raise it or shorten the message.")
 
     def _take_turn(self, episode, out):
         """Append a sampled turn; whether the episode goes on to tools (the turn called one and stopped by itself)."""

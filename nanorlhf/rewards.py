@@ -2,7 +2,8 @@
 
 A reward model (any sequence-classification model scoring question + response, by default
 OpenAssistant/reward-model-deberta-v3-large-v2) is wrapped to that same API, and rule-based functions
-are loaded from `file.py:function` or `module:function`. Several rewards are summed with weights.
+are loaded from `file.py:function` or `module:function`; an --environment's `reward()` is one more
+(EnvironmentReward). Several rewards are summed with weights.
 """
 
 import contextlib
@@ -19,21 +20,25 @@ from nanorlhf.config import load_module
 from nanorlhf.errors import UserError
 
 
+def load_source(source, flag):
+    """The module of a `--reward_fn`, `--tools` or `--environment` spec's left side (`path/to/file.py` or
+    `package.module`), imported once; errors name `flag`."""
+    if source.endswith(".py"):
+        if not os.path.isfile(source):
+            raise UserError(f"{flag}: file {source!r} does not exist (path is relative to {os.getcwd()})")
+        return load_module(source)
+    try:
+        return importlib.import_module(source)
+    except ImportError as e:
+        raise UserError(f"{flag}: cannot import module {source!r} ({e})") from None
+
+
 def load_reward_fn(spec):
     """`path/to/file.py:function` or `package.module:function` -> the callable."""
     source, sep, name = spec.rpartition(":")
     if not sep or not source or not name:
         raise UserError(f"--reward_fn {spec!r} must look like path/to/file.py:function or module:function")
-    if source.endswith(".py"):
-        if not os.path.isfile(source):
-            raise UserError(f"--reward_fn: file {source!r} does not exist (path is relative to {os.getcwd()})")
-        module = load_module(source)
-    else:
-        try:
-            module = importlib.import_module(source)
-        except ImportError as e:
-            raise UserError(f"--reward_fn: cannot import module {source!r} ({e})") from None
-    fn = getattr(module, name, None)
+    fn = getattr(load_source(source, "--reward_fn"), name, None)
     if not callable(fn):
         raise UserError(f"--reward_fn: {source!r} has no function {name!r}")
     fn.__name__ = getattr(fn, "__name__", name)
@@ -145,10 +150,11 @@ class Rewards:
 
     def __init__(self, functions, weights=None, timeout=0):
         if not functions:
-            raise UserError("no reward: give --reward_model and/or --reward_fn")
+            raise UserError("no reward: give --reward_model and/or --reward_fn (or an --environment with reward())")
         weights = weights or [1.0] * len(functions)
         if len(weights) != len(functions):
-            raise UserError(f"--reward_weights has {len(weights)} values for {len(functions)} rewards; give one each")
+            raise UserError(f"--reward_weights has {len(weights)} values for {len(functions)} rewards; give one each "
+                            "(reward model, reward_fn in order, the environment's reward())")
         self.functions, self.weights, self.timeout = functions, weights, timeout
 
     def call(self, fn, name, prompts, completions, row_fields):
@@ -188,12 +194,28 @@ class Rewards:
         return total, parts
 
 
-def build_rewards(reward_model, reward_fn, reward_weights, timeout=0):
+class EnvironmentReward:
+    """`reward()` of each episode's --environment instance, as a reward function named `environment`: the last of the
+    rewards, weight 1 unless --reward_weights gives one. It raises and times out as a reward function does."""
+
+    __name__ = "environment"
+
+    def __init__(self, environment):
+        self.__code__ = environment.reward.__code__  # user_frames shows the frames of the class's own file
+
+    def __call__(self, prompts, completions, environments, **_):
+        return [environment.reward() for environment in environments]
+
+
+def build_rewards(reward_model, reward_fn, reward_weights, timeout=0, environment=None):
     """Rewards from the Config fields: a reward model name ("" for none), comma-separated reward_fn specs,
-    comma-separated weights (reward model first) and reward_timeout."""
+    comma-separated weights (reward model first) and reward_timeout; `environment` (the --environment class) adds its
+    reward() last, when it has one."""
     functions = [load_reward_fn(spec) for spec in reward_fn.split(",") if spec]
     if reward_model:
         functions.insert(0, RewardModel(reward_model))
+    if callable(getattr(environment, "reward", None)):
+        functions.append(EnvironmentReward(environment))
     try:
         weights = [float(w) for w in reward_weights.split(",")] if reward_weights else None
     except ValueError:

@@ -52,9 +52,11 @@ def make_batch(prompts, completions, keep=None, **per_sample):
         # 1 on the tokens the model sampled: all of a single-turn completion, not a multi-turn episode's tool tokens
         loss_mask[row, : len(completions[i].token_ids)] = torch.tensor(getattr(completions[i], "loss_mask", None)
                                                                        or [1.0] * len(completions[i].token_ids))
-    total_tokens = sum(len(prompts[c.prompt_index]["token_ids"]) + len(c.token_ids) for c in completions)
+    # an --environment episode's prompt may carry reset()'s message (nanorlhf/multiturn.py)
+    prompt_ids = [getattr(c, "prompt_ids", None) or prompts[c.prompt_index]["token_ids"] for c in completions]
+    total_tokens = sum(len(p) + len(c.token_ids) for p, c in zip(prompt_ids, completions))
     batch = Batch(
-        prompt_ids=[prompts[completions[i].prompt_index]["token_ids"] for i in idx],
+        prompt_ids=[prompt_ids[i] for i in idx],
         completion_ids=[completions[i].token_ids for i in idx],
         vllm_logprobs=vllm_logprobs,
         loss_mask=loss_mask,
@@ -138,6 +140,8 @@ class Rollout:
         fields = {k: [r["fields"][k] for r in rows] for k in rows[0]["fields"]} if rows else {}
         if self.multiturn is not None:  # the whole conversation of each episode (over a dataset column so named)
             fields["messages"] = [c.messages for c in completions]
+            if self.multiturn.environment:  # each episode's own instance (the environment's reward() reads it)
+                fields["environments"] = [c.environment for c in completions]
         error = None
         try:
             rewards = self.rewards([r["text"] for r in rows], [c.text for c in completions], fields)

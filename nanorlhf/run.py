@@ -33,7 +33,7 @@ from nanorlhf.rollout import Rollout, make_batch, samples, tool_metrics
 from nanorlhf.run_folder import announce_resume, prepare_output_dir, resume_checkpoint
 from nanorlhf.stopping import Stop
 from nanorlhf.tasks import resolve
-from nanorlhf.tools import Toolbox, load_tools, schemas
+from nanorlhf.tools import Toolbox, environment_tools, load_environment, load_tools, schemas
 from nanorlhf.tracking import Tracker
 from nanorlhf.update import Update, cosine_schedule
 
@@ -75,7 +75,8 @@ class Run:
                                                                      self.world_size, len(self.eval_prompts), tp))
         multiturn = MultiTurn(self.engine, self.template, Toolbox(self.tools, cfg.tool_timeout, self.tokenizer,
                                                                  cfg.max_tool_response_tokens),
-                              self.tools, cfg.max_turns, cfg.max_new_tokens) if self.tools else None
+                              self.tools, cfg.max_turns, cfg.max_new_tokens, self.environment, cfg.max_prompt_tokens,
+                              self.failed) if self.template else None
         self.rollout = Rollout(cfg, self.engine, self.optimizer, self.rewards, self.timed, self.times, self.failed,
                                multiturn)
         self.trainer = Update(cfg, self.policy, self.optimizer, self.scheduler, self.tokenizer.pad_token_id,
@@ -111,27 +112,34 @@ class Run:
         if context and self.max_model_len > context:
             raise UserError(f"max_prompt_tokens + max_new_tokens = {self.max_model_len} exceeds the model's context "
                             f"window of {context} tokens; lower --max_prompt_tokens or --max_new_tokens")
-        reward_model = cfg.reward_model
-        if cfg.reward_fn and "reward_model" not in cfg.explicit:
-            reward_model = ""  # --reward_fn alone replaces the default reward model; naming both combines them
-        self.rewards = build_rewards(resolve(reward_model) if reward_model != "none" else "", cfg.reward_fn,
-                                     cfg.reward_weights, cfg.reward_timeout)
         tool_schemas, in_template = self._load_tools(cfg)
+        reward_model = cfg.reward_model
+        own_reward = cfg.reward_fn or callable(getattr(self.environment, "reward", None))
+        if own_reward and "reward_model" not in cfg.explicit:
+            reward_model = ""  # --reward_fn (or reward()) alone replaces the default reward model; naming both combines
+        self.rewards = build_rewards(resolve(reward_model) if reward_model != "none" else "", cfg.reward_fn,
+                                     cfg.reward_weights, cfg.reward_timeout, self.environment)
         self.prompts, self.eval_prompts = load_prompts(cfg, self.tokenizer, resolve, tool_schemas, in_template)
         if cfg.push_to_hub:  # a missing login says so now, not after the training
             check_hub_credentials(cfg.push_to_hub)
         return model_name
 
     def _load_tools(self, cfg):
-        """--tools: self.tools {name: function} ({} without) and self.template, the chat template's tool turns
-        (checked now, multiturn.py). Returns the tools' schemas and whether the chat template takes them."""
+        """--tools and --environment: self.tools {name: function} ({} without), self.environment (the class, or None)
+        and self.template, the chat template's tool turns (checked now, multiturn.py; None without either). Returns
+        the schemas of every tool (the environment's methods last) and whether the chat template takes them."""
         self.tools = load_tools(cfg.tools) if cfg.tools else {}
+        self.environment = load_environment(cfg.environment) if cfg.environment else None
+        methods = environment_tools(self.environment) if self.environment else {}
+        clash = sorted(set(self.tools) & set(methods))
+        if clash:
+            raise UserError(f"--tools and --environment both have a tool named {', '.join(clash)}; rename one")
         self.template = None
-        if not self.tools:
+        if not self.tools and not self.environment:
             return None, True
-        tool_schemas, kwargs = schemas(self.tools), template_kwargs(cfg.chat_template_kwargs)
-        in_template = takes_tools(self.tokenizer, tool_schemas, kwargs)
-        if not in_template:
+        tool_schemas, kwargs = schemas({**self.tools, **methods}), template_kwargs(cfg.chat_template_kwargs)
+        in_template = bool(tool_schemas) and takes_tools(self.tokenizer, tool_schemas, kwargs)
+        if tool_schemas and not in_template:
             console.say(f"note: the chat template of {cfg.model} takes no tools: they are described in a system "
                         "message, in the Hermes <tool_call> format")
         self.template = Template(self.tokenizer, cfg.model, {**kwargs, **({"tools": tool_schemas} if in_template

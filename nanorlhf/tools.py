@@ -1,5 +1,6 @@
-"""Tools a model calls during an episode: loading them (`--tools file.py:fn1,fn2`), their JSON schemas, parsing the
-model's calls, and running one turn's calls across the batch at once, failures included.
+"""Tools a model calls during an episode: loading them (`--tools file.py:fn1,fn2`; `--environment file.py:Class`, whose
+public methods are the tools of each episode's own instance), their JSON schemas, parsing the model's calls, and
+running one turn's calls across the batch at once, failures included.
 
 A tool is a plain typed Python function with a docstring (Google style: `Args:` names each parameter); its JSON schema
 comes from transformers (`transformers.utils.get_json_schema`) and reaches the model through the chat template's
@@ -19,6 +20,7 @@ on. A result longer than `max_tool_response_tokens` is cut (`ToolResult.truncate
 """
 
 import dataclasses
+import inspect
 import json
 import os
 import re
@@ -36,26 +38,52 @@ CALL = re.compile(r"<tool_call>(.*?)(</tool_call>|$)", re.DOTALL)
 
 def load_tools(spec):
     """`path/to/file.py:fn1,fn2` or `package.module:fn1,fn2` -> {name: function}; each must have a usable schema."""
-    from transformers.utils import get_json_schema
-
-    from nanorlhf.rewards import load_reward_fn
+    from nanorlhf.rewards import load_source
 
     source, sep, names = spec.rpartition(":")
     if not sep or not source or not names:
         raise UserError(f"--tools {spec!r} must look like path/to/file.py:fn1,fn2 or module:fn1,fn2")
-    tools = {}
+    module, tools = load_source(source, "--tools"), {}
     for name in names.split(","):
-        try:
-            fn = load_reward_fn(f"{source}:{name}")
-        except UserError as e:  # its message speaks of --reward_fn
-            raise UserError(str(e).replace("--reward_fn", "--tools")) from None
-        try:
-            get_json_schema(fn)
-        except Exception as e:  # transformers' DocstringParsingException / TypeHintParsingException
-            raise UserError(f"--tools: {name} needs type hints on every argument and a docstring whose Args: "
-                            f"section describes each ({type(e).__name__}: {e})") from None
-        tools[name] = fn
+        tools[name] = getattr(module, name, None)
+        if not callable(tools[name]):
+            raise UserError(f"--tools: {source!r} has no function {name!r}")
+        check_schema(tools[name], "--tools")
     return tools
+
+
+def load_environment(spec):
+    """`path/to/file.py:Class` or `package.module:Class` -> the class (one instance per episode, see
+    environment_tools); its tools must have usable schemas."""
+    from nanorlhf.rewards import load_source
+
+    source, sep, name = spec.rpartition(":")
+    if not sep or not source or not name:
+        raise UserError(f"--environment {spec!r} must look like path/to/file.py:Class or module:Class")
+    environment = getattr(load_source(source, "--environment"), name, None)
+    if not isinstance(environment, type):
+        raise UserError(f"--environment: {source!r} has no class {name!r}")
+    for fn in environment_tools(environment).values():
+        check_schema(fn, "--environment")
+    return environment
+
+
+def environment_tools(environment):
+    """{name: function} of an --environment class's tools: its public methods (not starting with `_`), `reset` and
+    `reward` left out. Bound to an episode's instance with getattr(instance, name)."""
+    return {name: fn for name, fn in inspect.getmembers(environment, inspect.isfunction)
+            if not name.startswith("_") and name not in ("reset", "reward")}
+
+
+def check_schema(fn, flag):
+    """A UserError naming `flag` unless transformers can make fn's JSON schema (type hints and a docstring)."""
+    from transformers.utils import get_json_schema
+
+    try:
+        get_json_schema(fn)
+    except Exception as e:  # transformers' DocstringParsingException / TypeHintParsingException
+        raise UserError(f"{flag}: {fn.__name__} needs type hints on every argument and a docstring whose Args: "
+                        f"section describes each ({type(e).__name__}: {e})") from None
 
 
 def schemas(tools):
@@ -109,49 +137,54 @@ class ToolResult:
 
 
 class Toolbox:
-    """Runs the calls of one turn for the whole batch: every call in its own thread, all at once, each waited for at
-    most `timeout` seconds from the start (a call still running then is reported as timed out and left to finish in
-    its daemon thread: Python cannot stop a thread; the `python` tool stops its own subprocess). `tokenizer` and
-    `max_tokens` cut long results."""
+    """Runs the calls of one turn for the whole batch: each episode's calls one after another, in the order the model
+    wrote them (an --environment's state sees them in that order), in a thread of its own, all episodes at once. A
+    call still running `timeout` seconds after the start, or not started by then, is reported as timed out (and a
+    running one left to finish in its daemon thread: Python cannot stop a thread; the `python` tool stops its own
+    subprocess). `tokenizer` and `max_tokens` cut long results."""
 
     def __init__(self, tools, timeout, tokenizer, max_tokens):
         self.tools, self.timeout, self.tokenizer, self.max_tokens = tools, timeout, tokenizer, max_tokens
 
     def run(self, turns):
         """turns: per episode a list of (Call, {name: function}) -> per episode a list of ToolResult."""
-        jobs = [(e, i, call, tools) for e, calls in enumerate(turns) for i, (call, tools) in enumerate(calls)]
-        results = [[None] * len(calls) for calls in turns]
-        threads = []
-        for e, i, call, tools in jobs:
-            if call.name is None:
-                results[e][i] = ToolResult("invalid", f"error: the tool call could not be read ({call.error}); write "
-                                           '<tool_call>{"name": ..., "arguments": {...}}</tool_call>', failed=True)
-            elif call.name not in tools:
-                results[e][i] = ToolResult(call.name, f"error: there is no tool named {call.name!r}; the tools are: "
-                                           f"{', '.join(tools)}", failed=True)
-            else:
-                box = []
-                thread = threading.Thread(target=self._call, args=(tools[call.name], call, box), daemon=True)
-                thread.start()
-                threads.append((e, i, call, thread, box))
         deadline = time.monotonic() + self.timeout if self.timeout else None
-        for e, i, call, thread, box in threads:
+        threads = []
+        for calls in turns:
+            box = []  # the episode's results so far, appended by its thread
+            thread = threading.Thread(target=self._episode, args=(calls, deadline, box), daemon=True)
+            thread.start()
+            threads.append((thread, box))
+        results = []
+        for calls, (thread, box) in zip(turns, threads):
             thread.join(None if deadline is None else max(deadline - time.monotonic(), 0))
-            if thread.is_alive() or not box:
-                results[e][i] = ToolResult(call.name, f"error: tool {call.name} did not return within "
-                                           f"{self.timeout:g} s", failed=True)
-            else:
-                results[e][i] = box[0] if box[0].failed else self._cut(box[0])  # errors are short and whole
+            done = box[: len(calls)]  # what returned in time (the thread may append later)
+            results.append([r if r.failed else self._cut(r) for r in done]  # errors are short and whole
+                           + [ToolResult(call.name, f"error: tool {call.name} did not return within {self.timeout:g}"
+                                         " s", failed=True) for call, _ in calls[len(done):]])
         return results
 
     @staticmethod
-    def _call(fn, call, box):
+    def _episode(calls, deadline, box):
+        for call, tools in calls:
+            if deadline is not None and time.monotonic() >= deadline:
+                return  # the turn is over: a later call must not change an environment's state behind it
+            box.append(Toolbox._call(call, tools))
+
+    @staticmethod
+    def _call(call, tools):
+        if call.name is None:
+            return ToolResult("invalid", f"error: the tool call could not be read ({call.error}); write "
+                              '<tool_call>{"name": ..., "arguments": {...}}</tool_call>', failed=True)
+        if call.name not in tools:
+            return ToolResult(call.name, f"error: there is no tool named {call.name!r}; the tools are: "
+                              f"{', '.join(tools)}", failed=True)
         try:
-            value = fn(**call.arguments)
-            box.append(ToolResult(call.name, value if isinstance(value, str) else json.dumps(value, default=str)))
+            value = tools[call.name](**call.arguments)
+            return ToolResult(call.name, value if isinstance(value, str) else json.dumps(value, default=str))
         except Exception as e:  # a raising tool, or arguments it does not take
-            box.append(ToolResult(call.name, f"error: tool {call.name} raised {type(e).__name__}: {str(e)[:300]}",
-                                  failed=True))
+            return ToolResult(call.name, f"error: tool {call.name} raised {type(e).__name__}: {str(e)[:300]}",
+                              failed=True)
 
     def _cut(self, result):
         if not self.max_tokens:
