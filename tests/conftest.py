@@ -25,7 +25,7 @@ from nanorlhf.config import load_module  # noqa: E402
 # The files that take longest (minutes each), first: pytest-xdist hands out whole files in this order (pyproject.toml:
 # --dist loadfile --no-loadscope-reorder), so the two workers finish about together.
 SLOW_FILES = ["test_distributed_e2e.py", "test_faults.py", "test_benchmarks.py", "test_user_config_e2e.py",
-              "test_bench_loop.py", "test_algorithms_e2e.py", "test_real_model.py"]
+              "test_bench_loop.py", "test_algorithms_e2e.py", "test_real_model.py", "test_tools.py", "test_environment.py"]
 
 
 def pytest_collection_modifyitems(items):
