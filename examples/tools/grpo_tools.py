@@ -30,8 +30,7 @@ import warm_start  # noqa: E402
 from nanorlhf.config import parse_config  # noqa: E402
 from nanorlhf.errors import exit_on_user_error  # noqa: E402
 
-TOOLS = os.path.join(HERE, "calculator.py") + ":multiply"
-REWARD = os.path.join(HERE, "task.py")
+TOOLS = "calculator:multiply"  # modules of this folder (on sys.path above), as r1-v0's math_verifier
 DATA = "calculator:train"  # the task's rows at the demo model's digits, written into the cache on first use
 EVAL_DATA = "calculator:eval"
 
@@ -40,7 +39,7 @@ EVAL_DATA = "calculator:eval"
 class Config(grpo.Config):
     model: str = "smollm2-135m-instruct"  # the real local model (nanorlhf/real_model.py); its template takes no tools
     reward_model: str = "none"  # the answer is checked, no reward model
-    reward_fn: str = f"{REWARD}:correct,{REWARD}:used_calculator"  # right final answer; tool use (logged only)
+    reward_fn: str = "task:correct,task:used_calculator"  # right final answer; tool use (logged only)
     reward_weights: str = "1,0"  # used_calculator is logged, not rewarded: only the answer counts
     dataset: str = DATA  # "What is 473 * 58?" rows with an `answer` column (task.py), or a file of yours
     prompt_field: str = "prompt"  # question column
