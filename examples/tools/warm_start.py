@@ -17,7 +17,7 @@ the middle is the chat template's own ids for the tool message, nanorlhf.multitu
 
 The chat template takes `tools=` (one line naming each tool and its arguments, where Qwen's templates print the
 whole JSON schema): the prompt stays about 30 tokens instead of the 300 of a described-in-the-system-message list.
-The model is cached like the addition demo's (nanorlhf.tasks.cache_dir()); the first build takes about a minute.
+The model is cached like the addition demo's (nanorlhf.tasks.cache_dir()); the first build takes minutes (1,100 steps).
 """
 
 import hashlib
@@ -67,7 +67,7 @@ def demo_model(**overrides):
     os.makedirs(cache_dir(), exist_ok=True)
     tmp = tempfile.mkdtemp(dir=cache_dir(), prefix=".building-")
     try:
-        console.say("demo model: warm-starting the tiny model on calculator transcripts (once, about a minute)")
+        console.say("demo model: warm-starting the tiny model on calculator transcripts (once, some minutes)")
         result = _warm_start(tmp, **spec)
         with open(os.path.join(tmp, "nanorlhf_warm_start.json"), "w") as f:
             json.dump({**spec, **result}, f)
