@@ -86,28 +86,44 @@ def resolve(name):
     return demo_names[name]() if name in demo_names else name
 
 
-def demo_model(**overrides):
-    """Path of the warm-started tiny addition model, built (and cached) on first use."""
-    spec = {**WARM_START, **overrides}
-    key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
-    path = os.path.join(cache_dir(), f"tiny-addition-{key}")
-    if os.path.exists(os.path.join(path, "nanorlhf_warm_start.json")):
+def build_once(path, build, marker):
+    """`path`, a folder of the cache: returned as it is when it holds `marker`, else built first by `build(tmp)` into
+    a temporary folder beside it and moved into place atomically (a concurrent builder either wins or finds it done).
+    """
+    if os.path.exists(os.path.join(path, marker)):
         return path
-    os.makedirs(cache_dir(), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=cache_dir(), prefix=".building-")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=".building-")
     try:
-        console.say("demo model: warm-starting the tiny model on addition (once, about 15 s)")
-        steps, accuracy = _warm_start(tmp, **spec)
-        with open(os.path.join(tmp, "nanorlhf_warm_start.json"), "w") as f:
-            json.dump({**spec, "greedy_accuracy": accuracy}, f)
-        os.replace(tmp, path)  # atomic: a concurrent builder either wins or finds it done
-        console.say(f"demo model: warm-started for {steps} steps, greedy accuracy {accuracy:.2f}, saved to {path}")
+        build(tmp)
+        os.replace(tmp, path)
     except OSError:
         if not os.path.exists(path):
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def warm_started(name, spec, warm_start, what):
+    """Path of the cached model `name`-<hash of spec>, built on first use by warm_start(folder, **spec), which returns
+    what it measured ({"steps": ..., ...}), kept with the spec in nanorlhf_warm_start.json. `what`: for the console."""
+    key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
+    path = os.path.join(cache_dir(), f"{name}-{key}")
+
+    def build(tmp):
+        console.say(f"demo model: warm-starting the tiny model on {what}")
+        result = warm_start(tmp, **spec)
+        with open(os.path.join(tmp, "nanorlhf_warm_start.json"), "w") as f:
+            json.dump({**spec, **result}, f)
+        console.say(f"demo model: warm-started, {', '.join(f'{k} {v:.4g}' for k, v in result.items())}; saved to {path}")
+
+    return build_once(path, build, "nanorlhf_warm_start.json")
+
+
+def demo_model(**overrides):
+    """Path of the warm-started tiny addition model, built (and cached) on first use."""
+    return warm_started("tiny-addition", {**WARM_START, **overrides}, _warm_start, "addition (once, about 15 s)")
 
 
 def _warm_start(out_dir, hidden_size, num_layers, max_operand, target_accuracy, answer_format, seed, version):
@@ -163,4 +179,4 @@ def _warm_start(out_dir, hidden_size, num_layers, max_operand, target_accuracy, 
             if accuracy >= target_accuracy:
                 break
     model.save_pretrained(out_dir)
-    return step, accuracy
+    return {"steps": step, "greedy_accuracy": accuracy}

@@ -354,18 +354,15 @@ def tool_calling_model(steps=80, version=1):
     digit, so the rewards of a step differ."""
     import random
     import shutil
-    import tempfile
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nanorlhf.tasks import cache_dir
+    from nanorlhf.tasks import build_once, cache_dir
     from nanorlhf.tiny import CHAT_TEMPLATE
 
     path = os.path.join(cache_dir(), f"tiny-tool-caller-{steps}-{version}")
-    if os.path.exists(os.path.join(path, "config.json")):
-        return path
-    tmp = tempfile.mkdtemp(dir=cache_dir(), prefix=".building-")
-    try:
+
+    def build(tmp):
         shutil.copytree(resolve("demo:addition"), tmp, dirs_exist_ok=True)
         tokenizer = AutoTokenizer.from_pretrained(tmp)
         tokenizer.chat_template = TOOLS_LINE + CHAT_TEMPLATE
@@ -410,13 +407,8 @@ def tool_calling_model(steps=80, version=1):
             optimizer.zero_grad()
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, path)  # atomic: a concurrent builder (the other test file) either wins or finds it done
-    except OSError:
-        if not os.path.exists(path):
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+
+    return build_once(path, build, "config.json")  # the other test file may build it at the same time
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,9 @@ whole JSON schema): the prompt stays about 30 tokens instead of the 300 of a des
 The model is cached like the addition demo's (nanorlhf.tasks.cache_dir()); the first build takes minutes (1,100 steps).
 """
 
-import hashlib
-import json
 import os
 import random
-import shutil
 import sys
-import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(HERE))]
@@ -34,7 +30,7 @@ sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(HERE))]
 import calculator  # noqa: E402
 import task  # noqa: E402
 from nanorlhf import console  # noqa: E402
-from nanorlhf.tasks import cache_dir  # noqa: E402
+from nanorlhf.tasks import cache_dir, warm_started  # noqa: E402
 from nanorlhf.tiny import CHAT_TEMPLATE  # noqa: E402
 
 # The tiny model's ChatML template, plus one system line naming the tools when `tools=` is given.
@@ -59,27 +55,8 @@ def call_text(a, b):
 
 def demo_model(**overrides):
     """Path of the warm-started tiny model, built (and cached) on first use."""
-    spec = {**WARM_START, **overrides}
-    key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
-    path = os.path.join(cache_dir(), f"tiny-calculator-{key}")
-    if os.path.exists(os.path.join(path, "nanorlhf_warm_start.json")):
-        return path
-    os.makedirs(cache_dir(), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=cache_dir(), prefix=".building-")
-    try:
-        console.say("demo model: warm-starting the tiny model on calculator transcripts (once, some minutes)")
-        result = _warm_start(tmp, **spec)
-        with open(os.path.join(tmp, "nanorlhf_warm_start.json"), "w") as f:
-            json.dump({**spec, **result}, f)
-        os.replace(tmp, path)  # atomic: a concurrent builder either wins or finds it done
-        console.say(f"demo model: warm-started for {result['steps']} steps, copy accuracy "
-                    f"{result['copy_accuracy']:.2f}, saved to {path}")
-    except OSError:
-        if not os.path.exists(path):
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return warm_started("tiny-calculator", {**WARM_START, **overrides}, _warm_start,
+                        "calculator transcripts (once, some minutes)")
 
 
 def demo_data(n_train=5000, n_eval=200, seed=0):
