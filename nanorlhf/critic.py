@@ -69,8 +69,8 @@ class Critic:
     """V(prompt, completion[:t]) for every completion token t: the critic adapter's last hidden state at the
     position that predicts token t, through `head`, a Linear(hidden, 1) that starts at zero, and `value_scale`:
     V = shift + scale * head(h). A zero head predicts the constant `shift` (explained variance exactly 0), where
-    PyTorch's default init predicts noise of the hidden states' size (issue 30: EV -23 on SmolLM2-135M, which
-    the critic's learning rate could not undo in 40 steps). Its own AdamW trains the critic adapter and the head."""
+    PyTorch's default init predicts noise of the hidden states' size (issue 30, SmolLM2-135M: explained variance
+    -12.8 before any fit, -23 after 10 rounds at lr 1e-4). Its own AdamW trains the critic adapter and the head."""
 
     def __init__(self, policy, pad_id, learning_rate, max_grad_norm, packed=True):
         self.policy, self.pad_id, self.max_grad_norm, self.packed = policy, pad_id, max_grad_norm, packed
