@@ -77,7 +77,7 @@ class Config(RunConfig):
     lora_target_modules: str = "all-linear"  # "all-linear" or comma-separated module names
     gradient_checkpointing: bool = True  # recompute activations in backward: less memory, ~30% slower
     # optimisation
-    learning_rate: float = 6e-6  # peak learning rate, cosine decay to 10% of it
+    learning_rate: float = 1e-3  # peak learning rate, cosine decay to 10% of it (README, "A real model on a laptop")
     max_grad_norm: float = 1.0  # gradient clipping (policy and critic each)
     micro_batch_tokens: int = 8192  # token budget of one micro-batch with gradients (rows x longest; short sequences share a row)
     ppo_epochs: int = 4  # optimizer steps of the policy and of the critic on each batch of rollouts
