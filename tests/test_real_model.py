@@ -17,8 +17,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The canary (mean |vLLM log-prob - trainer log-prob| per sampled token) of the GRPO run below, bf16 engine vs bf16
 # trainer, measured at this shape on an AVX512-BF16 CPU: 0.0587 at step 1 in all of 4 runs (the base model: the two
 # sides' bf16 kernels differ), 0.0355-0.0423 at step 2 at the default learning rate and 0.0406 at --learning_rate 1e-3
-# (two runs, the adapter pushed through vLLM's LoRA). 0.1 sits above them; an engine that serves other weights or
-# misaligns the tokens is off by whole nats per token.
+# (two runs, the adapter pushed through vLLM's LoRA); with the merged push (the CPU default since) 0.035-0.079 over
+# 20-step runs at lr 1e-3 (README, "A real model on a laptop"). 0.1 sits above them; an engine that serves other
+# weights or misaligns the tokens is off by whole nats per token.
 CANARY = 0.1
 PROMPTS = ["What is the capital of France? Answer in one word.",
            "Write a haiku about the sea.",
